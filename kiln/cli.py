@@ -1,0 +1,165 @@
+"""The `kiln` command line. Progress goes to stderr; `--json` puts one JSON document on stdout."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from kiln.errors import EXIT_INTERNAL, USER_ERRORS, VerificationFailed, exit_code_of
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  internal error (a bug: rerun with --debug and report the traceback)
+  2  user error: bad spec, bad folder or config, existing output, bad engine or feeds
+  3  verification failed: the engine differs from PyTorch beyond the tolerance"""
+
+
+class KilnGroup(click.Group):
+    """Turns user errors into one line and an exit code; `--debug` shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as error:
+            state = ctx.ensure_object(dict)
+            if state.get("debug"):
+                raise
+            code = exit_code_of(error)
+            message = str(error) if code != EXIT_INTERNAL else f"internal error: {type(error).__name__}: {error}"
+            if state.get("json"):
+                document = {"ok": False, "exit_code": code, "error": message}
+                if isinstance(error, VerificationFailed):
+                    document["verification"] = error.report
+                click.echo(json.dumps(document, indent=2))
+            click.echo(f"error: {message}" + (" (rerun with --debug for the traceback)" if code == EXIT_INTERNAL else ""), err=True)
+            ctx.exit(code)
+
+
+@click.group(cls=KilnGroup, epilog=EXIT_CODES_HELP)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """torchkiln: convert PyTorch generative models into verified engines."""
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so convert's cleanup runs and nothing half-written is left.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cli(prog_name="kiln")
+
+
+def _json_mode(ctx: click.Context, as_json: bool) -> None:
+    ctx.ensure_object(dict)["json"] = as_json
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("spec")
+@click.option("--target", default="cpu", show_default=True, help="Where the engine runs (see kiln.targets).")
+@click.option("--precision", default="fp32", show_default=True, help="Numeric precision of the engine.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Engine directory [default: build/NAME-TARGET-PRECISION].")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-verify", "skip_verify", is_flag=True, help="Skip verification against PyTorch (recorded in the manifest).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remote_code, as_json):
+    """Convert SPEC into a verified engine directory.
+
+    SPEC is a preset name (see `kiln presets`), a local Hugging Face model folder, or
+    `package.module:factory` returning a transformers causal LM (this runs that code: trust it).
+    """
+    from kiln.pipeline import convert as run_convert
+    from kiln.progress import StepPrinter
+
+    _json_mode(ctx, as_json)
+    with StepPrinter() as printer:
+        result = run_convert(
+            spec, target, precision, output, force=force, verify=not skip_verify,
+            trust_remote_code=trust_remote_code, on_step=printer.on_step,
+        )
+    manifest = result.manifest
+    if as_json:
+        click.echo(json.dumps({"ok": True, "exit_code": 0, "engine_dir": str(result.engine_dir), **_summary(manifest)}, indent=2))
+        return
+    click.echo(f"engine: {result.engine_dir}")
+    verification = manifest["verification"]
+    if verification.get("skipped"):
+        click.echo("verification: skipped (--no-verify)")
+    else:
+        logits = verification["logits"]
+        click.echo(
+            f"verification: passed; logits max abs error {logits['max_abs']:.2e} "
+            f"({logits['relative']:.2e} of range), top-1 agreement {logits['top1_agreement']:.2%} "
+            f"on {logits['decisive_positions']} positions ({logits['near_ties']} near-ties), KL {logits['kl_mean']:.2e}"
+        )
+
+
+def _summary(manifest: dict) -> dict:
+    return {
+        "target": manifest["target"],
+        "precision": manifest["precision"],
+        "backend": manifest["backend"],
+        "source": {k: manifest["source"][k] for k in ("spec", "kind", "family", "weights_sha256")},
+        "steps": manifest["steps"],
+        "verification": manifest["verification"],
+        "files": manifest["files"],
+    }
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+def inspect(ctx, engine_dir, as_json):
+    """Summarize an engine: source, target, steps, verification, op histogram and file sizes."""
+    import onnx
+
+    from runtimes.engine_dir import read_manifest
+
+    _json_mode(ctx, as_json)
+    manifest = read_manifest(engine_dir)
+    ops: Counter = Counter()
+    if manifest.get("model_file", "").endswith(".onnx"):
+        graph = onnx.load(engine_dir / manifest["model_file"], load_external_data=False).graph
+        ops.update(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}" for node in graph.node)
+    document = {"engine_dir": str(engine_dir), **_summary(manifest), "op_histogram": dict(ops.most_common())}
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    source = manifest["source"]
+    click.echo(f"engine      {engine_dir}")
+    click.echo(f"source      {source['spec']} ({source['kind']}, family {source['family']})")
+    click.echo(f"target      {manifest['target']} / {manifest['precision']} on {manifest['backend']}")
+    click.echo("steps       " + ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in manifest["steps"]))
+    verification = manifest["verification"]
+    if verification.get("skipped"):
+        click.echo("verified    no (skipped)")
+    else:
+        logits = verification["logits"]
+        click.echo(f"verified    {'passed' if verification['passed'] else 'FAILED'}; logits max abs {logits['max_abs']:.2e}, "
+                   f"top-1 {logits['top1_agreement']:.2%}, KL {logits['kl_mean']:.2e}")
+    click.echo("ops         " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
+    for name, entry in manifest["files"].items():
+        click.echo(f"file        {name}  {entry['bytes']:,} bytes  sha256 {entry['sha256'][:16]}…")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def presets(as_json):
+    """List the built-in model presets."""
+    from exporter.presets import PRESETS
+
+    if as_json:
+        click.echo(json.dumps({name: {"model_type": p.model_type, "description": p.description} for name, p in PRESETS.items()}, indent=2))
+        return
+    width = max(map(len, PRESETS))
+    for name, preset in PRESETS.items():
+        click.echo(f"{name:<{width}}  {preset.description}")

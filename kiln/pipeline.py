@@ -1,0 +1,179 @@
+"""`convert`: model spec -> captured graph -> engine directory -> verified against PyTorch.
+
+The engine is built in a temporary sibling folder and renamed into place only when every step
+passed: a failed or interrupted convert leaves nothing at the output path.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kiln.errors import KilnError, VerificationFailed
+from kiln.manifest import write_json, write_manifest
+from kiln.reference import reference_predictor
+from kiln.targets import target_named
+from kiln.verify import VerificationInputs, compare
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "generation_config.json")
+_TEMP_MARK = ".kiln-tmp-"
+
+# Called with (step name, None) when a step starts and (step name, seconds) when it ends.
+StepCallback = Callable[[str, "float | None"], None]
+
+
+@dataclass
+class ConvertResult:
+    engine_dir: Path
+    manifest: dict
+    steps: list[dict] = field(default_factory=list)
+
+
+def default_output(spec: str, target: str, precision: str) -> Path:
+    name = re.sub(r"[^\w.-]+", "-", Path(spec.split(":")[-1]).name or "model").strip("-")
+    return Path("build") / f"{name}-{target}-{precision}"
+
+
+def convert(
+    spec: str,
+    target: str = "cpu",
+    precision: str = "fp32",
+    output: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    trust_remote_code: bool = False,
+    external_data_threshold: int | None = None,
+    on_step: StepCallback | None = None,
+) -> ConvertResult:
+    """Build a verified engine directory for `spec` and return its path and manifest.
+
+    Raises VerificationFailed (exit 3) when the engine differs from PyTorch beyond the tolerance of
+    `precision`, and other KilnErrors (exit 2) for bad input.
+    """
+    target_spec = target_named(target, precision)
+    output = Path(output) if output is not None else default_output(spec, target, precision)
+    _refuse_existing(output, force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output)
+    workdir = output.parent / f".{output.name}{_TEMP_MARK}{os.getpid()}"
+    steps: list[dict] = []
+
+    @contextlib.contextmanager
+    def step(name: str):
+        if on_step:
+            on_step(name, None)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        steps.append({"name": name, "seconds": round(seconds, 3)})
+        if on_step:
+            on_step(name, seconds)
+
+    try:
+        workdir.mkdir()
+        with step("load"):
+            from exporter import load_model
+
+            loaded = load_model(spec, trust_remote_code=trust_remote_code)
+        with step("export"):
+            from exporter.capture import EXTERNAL_DATA_THRESHOLD, capture
+
+            threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+            graph = capture(loaded, workdir, external_data_threshold=threshold)
+            tokenizer = _copy_tokenizer(loaded.tokenizer_dir, workdir)
+        fields = {
+            "source": {
+                "spec": spec,
+                "kind": loaded.kind,
+                "family": loaded.family.name,
+                "config": json.loads(loaded.config.to_json_string(use_diff=False)),
+                "weights_sha256": loaded.weights_sha256,
+            },
+            "target": target,
+            "precision": precision,
+            "backend": target_spec.backend,
+            "providers": list(target_spec.providers),
+            "model_file": graph.path.name,
+            "external_data": graph.external_data,
+            "opset": graph.opset,
+            "tokenizer": tokenizer,
+        }
+        write_manifest(workdir, dict(fields, signature={}, steps=steps, verification={"skipped": True}))
+        import runtimes
+
+        with runtimes.load(workdir) as engine:
+            fields["signature"] = engine.signature.to_json()
+            if verify:
+                with step("verify"):
+                    reference = reference_predictor(loaded, engine.signature)
+                    report = compare(engine, reference, loaded.facts.vocab_size, precision, VerificationInputs())
+            else:
+                report = {"skipped": True, "passed": None}
+        if report.get("passed") is False:
+            raise VerificationFailed(
+                f"verification failed for {spec} ({target}, {precision}): " + "; ".join(report["failures"]), report
+            )
+        write_json(workdir / "report.json", {"verification": report})
+        manifest = write_manifest(workdir, dict(fields, steps=steps, verification=report))
+        _move_into_place(workdir, output)
+    finally:
+        # Also on KeyboardInterrupt and SystemExit (SIGINT, SIGTERM): never leave a half-built engine.
+        shutil.rmtree(workdir, ignore_errors=True)
+    return ConvertResult(output, manifest, steps)
+
+
+def _refuse_existing(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise KilnError(f"{output}: already exists (pass --force to replace it)")
+    if output.exists() and not output.is_dir():
+        raise KilnError(f"{output}: exists and is not a directory")
+
+
+def remove_stale_temporaries(output: Path) -> None:
+    """Delete temporary folders of earlier converts to `output` whose process is gone (e.g. SIGKILL)."""
+    for path in output.parent.glob(f".{output.name}{_TEMP_MARK}*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(workdir: Path, output: Path) -> None:
+    """Rename the finished engine to `output`; an old engine there (--force) is swapped out first."""
+    if output.exists():
+        old = output.parent / f".{output.name}{_TEMP_MARK}old-{os.getpid()}"
+        os.rename(output, old)
+        os.rename(workdir, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(workdir, output)
+
+
+def _copy_tokenizer(source: Path | None, workdir: Path) -> str | None:
+    """Carry the source folder's tokenizer files into `tokenizer/`, so generate can take text."""
+    if source is None:
+        return None
+    files = [source / name for name in _TOKENIZER_FILES if (source / name).is_file()]
+    if not files:
+        return None
+    (workdir / "tokenizer").mkdir()
+    for path in files:
+        shutil.copy2(path, workdir / "tokenizer" / path.name)
+    return "tokenizer"

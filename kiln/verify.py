@@ -1,0 +1,125 @@
+"""Compare an engine with the PyTorch reference on the same inputs: a prefill, then decode steps.
+
+Each side feeds its own caches back, so cache handling is checked along with the math.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtimes.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    relative: float  # max |engine - reference| / range of the reference, for logits and caches
+    top1: float  # fraction of decisive positions whose top-1 token must agree
+
+
+TOLERANCES = {"fp32": Tolerance(relative=1e-3, top1=1.0)}
+
+
+@dataclass(frozen=True)
+class VerificationInputs:
+    batch: int = 2
+    prompt: int = 6
+    decode_steps: int = 3
+    seed: int = 0
+
+
+def run_steps(predictor: Predictor, vocab_size: int, inputs: VerificationInputs) -> list[dict[str, np.ndarray]]:
+    """Outputs of a prefill of `prompt` random tokens and `decode_steps` single-token steps after it."""
+    rng = np.random.default_rng(inputs.seed)
+    tokens = rng.integers(0, vocab_size, size=(inputs.batch, inputs.prompt + inputs.decode_steps), dtype=np.int64)
+    feeds = {}
+    for spec in predictor.signature.past_inputs:
+        shape = [inputs.batch if i == 0 else (0 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
+        feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    steps, start = [], 0
+    for end in [inputs.prompt] + list(range(inputs.prompt + 1, inputs.prompt + inputs.decode_steps + 1)):
+        feeds["input_ids"] = tokens[:, start:end]
+        feeds["attention_mask"] = np.ones((inputs.batch, end), dtype=np.int64)
+        feeds["position_ids"] = np.broadcast_to(np.arange(start, end, dtype=np.int64), (inputs.batch, end - start)).copy()
+        outputs = predictor.predict(feeds)
+        steps.append(outputs)
+        for spec in predictor.signature.past_inputs:
+            feeds[spec.name] = outputs[spec.name.replace("past_key_values.", "present.")]
+        start = end
+    return steps
+
+
+def compare(
+    engine: Predictor, reference: Predictor, vocab_size: int, precision: str, inputs: VerificationInputs = VerificationInputs()
+) -> dict:
+    """Run both, return the verification report: per-output errors, logits fidelity, pass/fail and why."""
+    tolerance = TOLERANCES[precision]
+    engine_steps = run_steps(engine, vocab_size, inputs)
+    reference_steps = run_steps(reference, vocab_size, inputs)
+    outputs = {}
+    for name in engine_steps[0]:
+        got = [step[name] for step in engine_steps]
+        want = [step[name] for step in reference_steps]
+        outputs[name] = output_error(got, want)
+    got_logits = np.concatenate([s["logits"].reshape(-1, vocab_size) for s in engine_steps])
+    want_logits = np.concatenate([s["logits"].reshape(-1, vocab_size) for s in reference_steps])
+    logits = dict(outputs["logits"], **logits_fidelity(got_logits, want_logits))
+    failures = [
+        f"{name}: max abs error {e['max_abs']:.3g} is {e['relative']:.3g} of the reference range, above {tolerance.relative:g}"
+        for name, e in outputs.items()
+        if not e["relative"] <= tolerance.relative
+    ]
+    if not logits["top1_agreement"] >= tolerance.top1:
+        failures.append(
+            f"logits: top-1 agreement {logits['top1_agreement']:.2%} on {logits['decisive_positions']} decisive positions, "
+            f"below {tolerance.top1:.2%}"
+        )
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "precision": precision,
+        "tolerance": {"relative": tolerance.relative, "top1": tolerance.top1},
+        "inputs": {"batch": inputs.batch, "prompt": inputs.prompt, "decode_steps": inputs.decode_steps, "seed": inputs.seed},
+        "logits": logits,
+        "outputs": outputs,
+    }
+
+
+def output_error(got: list[np.ndarray], want: list[np.ndarray]) -> dict:
+    """Max absolute error over all steps, and that error relative to the reference's range."""
+    if [g.shape for g in got] != [w.shape for w in want]:
+        return {"max_abs": float("inf"), "relative": float("inf"), "range": 0.0,
+                "shape_mismatch": [list(g.shape) for g in got]}
+    max_abs = max(float(np.abs(g.astype(np.float64) - w).max(initial=0.0)) for g, w in zip(got, want))
+    value_range = max(float(w.max(initial=0) - w.min(initial=0)) for w in want)
+    return {"max_abs": max_abs, "relative": max_abs / value_range if value_range > 0 else max_abs, "range": value_range}
+
+
+def logits_fidelity(got: np.ndarray, want: np.ndarray) -> dict:
+    """Teacher-forced top-1 agreement and KL divergence, `got`/`want` as `[positions, vocab]`.
+
+    A position whose reference top-1 margin is not larger than the error measured there is a near-tie:
+    counted and reported, not held against the engine.
+    """
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    error = np.abs(got - want).max(axis=-1)
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    decisive = margin > error
+    agree = got.argmax(axis=-1) == want.argmax(axis=-1)
+    log_p, log_q = _log_softmax(want), _log_softmax(got)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    return {
+        "positions": int(len(want)),
+        "decisive_positions": int(decisive.sum()),
+        "near_ties": int((~decisive).sum()),
+        "top1_agreement": float(agree[decisive].mean()) if decisive.any() else 1.0,
+        "top1_agreement_all": float(agree.mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+    }
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -1,0 +1,70 @@
+"""Reading an engine directory: its manifest and the integrity of every file it lists.
+
+kiln writes the directory; this module is the one place that reads it, so a service that only runs
+engines needs nothing beyond `runtimes`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from runtimes.errors import EngineError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(engine_dir: Path) -> dict:
+    """The parsed manifest of `engine_dir`; EngineError if it is absent, unreadable or too new."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise EngineError(f"{engine_dir}: no such engine directory")
+    path = engine_dir / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{engine_dir}: not an engine directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise EngineError(f"{path}: field 'schema_version' is missing or not an integer")
+    if version > SCHEMA_VERSION:
+        raise EngineError(
+            f"{path}: schema_version {version} is newer than this torchkiln reads ({SCHEMA_VERSION}); upgrade torchkiln"
+        )
+    for field in ("backend", "target", "files", "signature"):
+        if field not in manifest:
+            raise EngineError(f"{path}: field {field!r} is missing")
+    return manifest
+
+
+def check_files(engine_dir: Path, manifest: dict) -> None:
+    """Refuse the directory unless its files are exactly those listed, each with its sha256."""
+    engine_dir = Path(engine_dir).resolve()
+    listed = manifest["files"]
+    present = {
+        p.relative_to(engine_dir).as_posix() for p in engine_dir.rglob("*") if p.is_file() and p.name != MANIFEST
+    }
+    for name, entry in listed.items():
+        path = (engine_dir / name).resolve()
+        if not path.is_relative_to(engine_dir):
+            raise EngineError(f"{engine_dir / MANIFEST}: file entry {name!r} points outside the engine directory")
+        if name not in present:
+            raise EngineError(f"{engine_dir}: file {name!r} listed in the manifest is missing")
+        if sha256_file(path) != entry["sha256"]:
+            raise EngineError(f"{engine_dir}: file {name!r} does not match its sha256 in the manifest; refusing to load")
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise EngineError(f"{engine_dir}: file {unlisted[0]!r} is not listed in the manifest; refusing to load")

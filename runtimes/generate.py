@@ -1,0 +1,159 @@
+"""Backend-neutral decoding over any Predictor with the decoder-LM IO contract.
+
+Each step feeds the previous step's `present.*` arrays back as `past_key_values.*` as they are:
+no copy of the cache is made here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from runtimes.errors import FeedError
+
+
+def left_pad(prompts, pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts (a `[batch, seq]` array or a list of token lists) -> (input_ids, attention_mask).
+
+    Shorter prompts are padded on the left so every row's last token is at the same column.
+    """
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim != 2:
+            raise FeedError(f"prompts: expected token ids [batch, sequence], got shape {list(prompts.shape)}")
+        prompts = prompts.tolist()
+    rows = [list(p) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise FeedError("prompts: every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def choose_next(
+    logits: np.ndarray,
+    history: np.ndarray,
+    history_mask: np.ndarray,
+    rng: np.random.Generator | None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+) -> np.ndarray:
+    """Next token per row from `logits [batch, vocab]`: greedy when `rng` is None, else sampled.
+
+    `history [batch, seen]` with `history_mask` are the tokens seen so far, for the repetition penalty.
+    """
+    logits = logits.astype(np.float64)
+    if repetition_penalty != 1.0:
+        for row in range(logits.shape[0]):
+            seen = np.unique(history[row][history_mask[row] == 1])
+            scores = logits[row, seen]
+            logits[row, seen] = np.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+    if rng is None:
+        return logits.argmax(axis=-1).astype(np.int64)
+    logits = logits / max(temperature, 1e-6)
+    if 0 < top_k < logits.shape[-1]:
+        kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    # Inverse-CDF sampling: one uniform draw per row keeps runs reproducible for a seed.
+    draws = rng.random(probs.shape[0])[:, None]
+    picked = (np.cumsum(probs, axis=-1) < draws).sum(axis=-1)
+    return np.minimum(picked, probs.shape[-1] - 1).astype(np.int64)
+
+
+def stream(
+    predictor,
+    prompts,
+    max_new_tokens: int = 32,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    seed: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield the next token of each prompt, `[batch]`, step by step.
+
+    Rows that produced an EOS token yield `pad_token_id` afterwards; the loop ends when every row has
+    finished or after `max_new_tokens` steps.
+    """
+    if max_new_tokens < 1:
+        raise FeedError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    ids, mask = left_pad(prompts, pad_token_id)
+    vocab = _vocab_size(predictor)
+    tokens = ids[mask == 1]
+    outside = tokens[(tokens < 0) | (tokens >= vocab)]
+    if outside.size:
+        raise FeedError(f"prompts: token id {int(outside[0])} is outside the vocabulary [0, {vocab})")
+    eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+    rng = np.random.default_rng(seed) if do_sample else None
+    batch = ids.shape[0]
+    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **_empty_cache(predictor, batch)}
+    history, history_mask = ids, mask
+    finished = np.zeros(batch, dtype=bool)
+    for step in range(max_new_tokens):
+        outputs = predictor.predict(feeds)
+        tokens = choose_next(
+            outputs["logits"][:, -1, :], history, history_mask, rng, temperature, top_k, top_p, repetition_penalty
+        )
+        tokens = np.where(finished, pad_token_id, tokens)
+        yield tokens
+        finished |= np.isin(tokens, eos)
+        if finished.all() or step == max_new_tokens - 1:
+            return
+        column = tokens[:, None]
+        history = np.concatenate([history, column], axis=1)
+        history_mask = np.concatenate([history_mask, (~finished[:, None]).astype(np.int64)], axis=1)
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        feeds = {
+            "input_ids": column,
+            "attention_mask": mask,
+            "position_ids": feeds["position_ids"][:, -1:] + 1,
+            **{p.name: outputs[p.name.replace("past_key_values.", "present.")] for p in predictor.signature.past_inputs},
+        }
+
+
+def generate(
+    predictor, prompts, max_new_tokens: int = 32, on_token: Callable[[np.ndarray], None] | None = None, **options
+) -> np.ndarray:
+    """Run `stream` to the end; returns the new tokens `[batch, steps]`. `on_token` sees each step."""
+    steps = []
+    for tokens in stream(predictor, prompts, max_new_tokens, **options):
+        if on_token is not None:
+            on_token(tokens)
+        steps.append(tokens)
+    return np.stack(steps, axis=1)
+
+
+def _empty_cache(predictor, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past arrays for the prefill step, `[batch, kv_heads, 0, head_dim]`."""
+    cache = {}
+    for spec in predictor.signature.past_inputs:
+        shape = [batch if i == 0 else (0 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
+        cache[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return cache
+
+
+def _vocab_size(predictor) -> int:
+    """The logits' last axis; the exporter fixes it, so it is a number in every engine's signature."""
+    logits = next(t for t in predictor.signature.outputs if t.name == "logits")
+    return int(logits.shape[-1])

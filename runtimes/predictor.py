@@ -1,0 +1,44 @@
+"""The one interface every engine is run through: `predict` one forward pass, `generate` on top."""
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from runtimes import generate as generation
+from runtimes.signature import Signature
+
+
+class Predictor:
+    """Base of every adapter: feeds are checked against `signature`, then handed to `_run`.
+
+    `predict`, `generate` and `stream` may be called from several threads at once: the adapters keep
+    no per-call state on the instance. `close` must not race with them.
+    """
+
+    signature: Signature
+
+    def predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass. `feeds` maps every input name to an array; returns every output by name."""
+        self.signature.validate(feeds)
+        return self._run(feeds)
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def generate(self, prompts, max_new_tokens: int = 32, **options) -> np.ndarray:
+        """New tokens for each prompt, `[batch, new_tokens]`; see `runtimes.generate.stream`."""
+        return generation.generate(self, prompts, max_new_tokens, **options)
+
+    def stream(self, prompts, max_new_tokens: int = 32, **options) -> Iterator[np.ndarray]:
+        """Yield the next token of every prompt, `[batch]`, as each decode step finishes."""
+        return generation.stream(self, prompts, max_new_tokens, **options)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny engines built once per session; hardware markers skipped with the reason."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_PRESETS = ["tiny-gpt2", "tiny-gptneo", "tiny-bloom", "tiny-llama"]
+
+
+def _missing_hardware() -> dict[str, str | None]:
+    """Marker -> why its tests cannot run here (None when they can)."""
+    has_nvidia = shutil.which("nvidia-smi") is not None and Path("/dev/nvidiactl").exists()
+    return {
+        "gpu": None if has_nvidia else "needs an NVIDIA GPU (no nvidia-smi / /dev/nvidiactl on this machine)",
+        "tensorrt": None if importlib.util.find_spec("tensorrt") else "needs TensorRT (the `tensorrt` package is not installed)",
+        "rocm": None if Path("/dev/kfd").exists() else "needs an AMD GPU with ROCm (no /dev/kfd on this machine)",
+    }
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = _missing_hardware()
+    for item in items:
+        for marker, reason in missing.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory):
+    """`engine_dir(preset)` -> a verified cpu/fp32 engine of that preset, converted once per session."""
+    import kiln
+
+    built: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("engines")
+
+    def build(preset: str) -> Path:
+        if preset not in built:
+            built[preset] = kiln.convert(preset, output=root / preset).engine_dir
+        return built[preset]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """`reference(engine)` -> the PyTorch eager Predictor of that engine's source, loaded once."""
+    import kiln
+
+    loaded = {}
+
+    def get(engine: Path):
+        if engine not in loaded:
+            loaded[engine] = kiln.load_reference(engine)
+        return loaded[engine]
+
+    return get
