@@ -1,0 +1,122 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from exporter import load_model
+from kiln.cli import cli
+
+KILN = [sys.executable, "-c", "from kiln.cli import main; main()"]
+
+
+def run_kiln(*args, cwd=None):
+    return subprocess.run([*KILN, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_convert_json_for_ci(tmp_path):
+    done = run_kiln("convert", "tiny-gpt2", "--target", "cpu", "-o", tmp_path / "e1", "--json")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)  # stdout holds the JSON document and nothing else
+    assert document["ok"] is True and document["verification"]["passed"] is True
+    assert document["engine_dir"] == str(tmp_path / "e1")
+    assert "✓ export" in done.stderr  # progress goes to stderr
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/no/such/dir", "error: /no/such/dir: no such model folder"),
+        ("BROKEN", "config.json: invalid JSON at line 1, column 2"),
+        ("tiny-unknown", "error: 'tiny-unknown' is not a preset"),
+        ("EXISTING", "already exists (pass --force to replace it)"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, spec, message):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{oops")
+    (broken / "model.safetensors").write_bytes(b"")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    spec = {"BROKEN": broken, "EXISTING": "tiny-gpt2"}.get(spec, spec)
+    out = existing if spec == "tiny-gpt2" else tmp_path / "out"
+    done = run_kiln("convert", spec, "-o", out)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_error_document():
+    done = run_kiln("convert", "/no/such/dir", "--json")
+    assert done.returncode == 2
+    assert json.loads(done.stdout) == {"ok": False, "exit_code": 2, "error": "/no/such/dir: no such model folder"}
+
+
+def test_debug_shows_the_traceback():
+    done = run_kiln("--debug", "convert", "tiny-unknown")
+    assert "Traceback" in done.stderr and "ModelSourceError" in done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_convert_leaves_nothing(tmp_path, sig):
+    out = tmp_path / "engine"
+    process = subprocess.Popen([*KILN, "convert", "tiny-gpt2", "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".engine.kiln-tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # well into load / export
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert not out.exists()
+    if sig == signal.SIGINT:  # cleaned up on the way out
+        assert list(tmp_path.iterdir()) == []
+    else:  # cleaned up by the next convert to the same path
+        from kiln.pipeline import remove_stale_temporaries
+
+        remove_stale_temporaries(out)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_from_saved_folder(tmp_path):
+    load_model("tiny-llama").module.save_pretrained(tmp_path / "folder")
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "folder"), "-o", str(tmp_path / "e"), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["source"]["kind"] == "folder" and document["source"]["family"] == "llama"
+    assert document["verification"]["passed"] is True
+
+
+def test_inspect_shows_ops_and_files(engine_dir):
+    result = CliRunner().invoke(cli, ["inspect", str(engine_dir("tiny-gpt2")), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["op_histogram"]["MatMul"] > 0 and sum(document["op_histogram"].values()) > 50
+    assert set(document["files"]) == {"model.onnx", "report.json"}
+    text = CliRunner().invoke(cli, ["inspect", str(engine_dir("tiny-gpt2"))]).output
+    assert "verified    passed" in text and "file        model.onnx" in text
+
+
+def test_inspect_of_a_folder_that_is_not_an_engine(tmp_path):
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "not an engine directory (no manifest.json)" in result.output
+
+
+def test_presets_lists_every_preset():
+    from exporter import PRESETS
+
+    document = json.loads(CliRunner().invoke(cli, ["presets", "--json"]).stdout)
+    assert list(document) == list(PRESETS) and "gpt2" in document and "tiny-llama" in document
+
+
+def test_help_documents_exit_codes():
+    text = CliRunner().invoke(cli, ["--help"]).output
+    for line in ("0  success", "2  user error", "3  verification failed", "1  internal error"):
+        assert line in text

@@ -1,0 +1,75 @@
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import kiln
+from runtimes import EngineError
+
+
+@pytest.fixture
+def engine_copy(engine_dir, tmp_path):
+    copy = tmp_path / "engine"
+    shutil.copytree(engine_dir("tiny-gpt2"), copy)
+    return copy
+
+
+def _files(engine):
+    return sorted(json.loads((engine / "manifest.json").read_text())["files"])
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "report.json"])
+def test_a_flipped_byte_in_any_file_is_refused(engine_copy, name):
+    assert name in _files(engine_copy)
+    path = engine_copy / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=f"file '{name}' does not match its sha256"):
+        kiln.load(engine_copy)
+
+
+def test_added_and_removed_files_are_refused(engine_copy):
+    (engine_copy / "extra.bin").write_bytes(b"x")
+    with pytest.raises(EngineError, match="file 'extra.bin' is not listed"):
+        kiln.load(engine_copy)
+    (engine_copy / "extra.bin").unlink()
+    (engine_copy / "report.json").unlink()
+    with pytest.raises(EngineError, match="file 'report.json' listed in the manifest is missing"):
+        kiln.load(engine_copy)
+
+
+def test_newer_schema_is_refused(engine_copy):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="schema_version 99 is newer"):
+        kiln.load(engine_copy)
+
+
+def test_engine_for_a_missing_provider_is_refused(engine_copy):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest.update(target="cuda", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="engine target 'cuda' needs CUDAExecutionProvider"):
+        kiln.load(engine_copy)
+
+
+def test_predict_from_threads_matches_serial(engine_dir):
+    engine = kiln.load(engine_dir("tiny-gpt2"))
+    rng = np.random.default_rng(0)
+    empty = {s.name: np.zeros((1, 4, 0, 16), np.float32) for s in engine.signature.past_inputs}
+
+    def feeds(i):
+        length = 1 + i % 7
+        ids = rng.integers(0, 1024, size=(1, length))
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(length)[None], **empty}
+
+    all_feeds = [feeds(i) for i in range(400)]
+    serial = [engine.predict(f)["logits"] for f in all_feeds]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        threaded = list(pool.map(lambda f: engine.predict(f)["logits"], all_feeds))
+    for a, b in zip(serial, threaded):
+        np.testing.assert_array_equal(a, b)
