@@ -32,6 +32,8 @@ test: install
 
 demo: install
 	$(BIN)/kiln convert $(DEMO_PRESET) --target cpu --precision fp32 -o $(DEMO_OUT) --force
+	$(BIN)/kiln inspect $(DEMO_OUT)
+	$(BIN)/kiln generate $(DEMO_OUT) --prompt-ids 1,2,3,4 --max-new-tokens 32
 
 clean:
 	rm -rf build

@@ -163,3 +163,94 @@ def presets(as_json):
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
         click.echo(f"{name:<{width}}  {preset.description}")
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path), help=".npz with one array per input name.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the outputs [default: outputs.npz].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+def predict(ctx, engine_dir, inputs_path, output, as_json):
+    """Run one forward pass of an engine on the arrays in an .npz file; write the outputs to an .npz."""
+    import numpy as np
+
+    import runtimes
+    from kiln.errors import KilnError
+
+    _json_mode(ctx, as_json)
+    try:
+        with np.load(inputs_path) as archive:
+            feeds = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as e:
+        raise KilnError(f"{inputs_path}: cannot read as .npz ({e})") from None
+    with runtimes.load(engine_dir) as engine:
+        outputs = engine.predict(feeds)
+    output = output or Path("outputs.npz")
+    np.savez(output, **outputs)
+    shapes = {name: list(array.shape) for name, array in outputs.items()}
+    if as_json:
+        click.echo(json.dumps({"ok": True, "exit_code": 0, "outputs": str(output), "shapes": shapes}, indent=2))
+    else:
+        for name, shape in shapes.items():
+            click.echo(f"{name}  {shape}")
+        click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Text prompt (the engine must carry a tokenizer).")
+@click.option("--prompt-ids", help="Comma-separated token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 keeps every token.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of streaming.")
+@click.pass_context
+def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temperature, top_k, top_p,
+             repetition_penalty, seed, as_json):
+    """Generate from a prompt, printing tokens as they come."""
+    import time
+
+    import runtimes
+    from kiln.errors import KilnError
+    from runtimes.engine_dir import read_manifest
+
+    _json_mode(ctx, as_json)
+    if (prompt is None) == (prompt_ids is None):
+        raise KilnError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if prompt_ids is not None:
+        try:
+            prompts = [[int(t) for t in prompt_ids.split(",")]]
+        except ValueError:
+            raise KilnError(f"--prompt-ids: expected comma-separated integers, got {prompt_ids!r}") from None
+    else:
+        prompts = prompt
+    eos = read_manifest(engine_dir)["source"]["config"].get("eos_token_id")
+    with runtimes.load(engine_dir) as engine:
+        text = engine.tokenizer is not None and prompt is not None
+        produced: list[int] = []
+        shown = ""
+        start = time.perf_counter()
+        for tokens in engine.stream(prompts, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos, seed=seed):
+            produced.append(int(tokens[0]))
+            if as_json:
+                continue
+            if text:  # decode everything so far: a token can complete a multi-byte character
+                decoded = engine.tokenizer.decode(produced)
+                click.echo(decoded[len(shown):], nl=False)
+                shown = decoded
+            else:
+                click.echo(f"{produced[-1]} ", nl=False)
+        seconds = time.perf_counter() - start
+        completion = engine.tokenizer.decode(produced) if text else None
+    if as_json:
+        click.echo(json.dumps({"ok": True, "exit_code": 0, "tokens": produced, "text": completion,
+                               "seconds": round(seconds, 4)}, indent=2))
+    else:
+        click.echo()
+        click.echo(f"{len(produced)} tokens in {seconds:.2f}s ({len(produced) / seconds:.1f} tok/s, prefill included)", err=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 from runtimes.engine_dir import check_files, read_manifest
 from runtimes.errors import EngineError
 from runtimes.predictor import Predictor
+from runtimes.tokenizer import load_tokenizer
 
 # backend name in the manifest -> "module:class" of its adapter; new engines add a row here.
 ADAPTERS = {
@@ -27,4 +28,6 @@ def load(engine_dir, device: str = "cpu", **backend_options) -> Predictor:
         raise EngineError(f"{engine_dir}: backend {backend!r} is unknown (known: {', '.join(ADAPTERS)})")
     module_name, class_name = ADAPTERS[backend].split(":")
     adapter = getattr(importlib.import_module(module_name), class_name)
-    return adapter.from_engine_dir(engine_dir, manifest, device=device, **backend_options)
+    predictor = adapter.from_engine_dir(engine_dir, manifest, device=device, **backend_options)
+    predictor.tokenizer = load_tokenizer(engine_dir, manifest)
+    return predictor

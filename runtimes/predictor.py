@@ -7,6 +7,7 @@ import numpy as np
 
 from runtimes import generate as generation
 from runtimes.signature import Signature
+from runtimes.tokenizer import encode_prompts
 
 
 class Predictor:
@@ -17,6 +18,7 @@ class Predictor:
     """
 
     signature: Signature
+    tokenizer = None  # a `tokenizers.Tokenizer` when the engine carries one: prompts may then be text
 
     def predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass. `feeds` maps every input name to an array; returns every output by name."""
@@ -27,12 +29,15 @@ class Predictor:
         raise NotImplementedError
 
     def generate(self, prompts, max_new_tokens: int = 32, **options) -> np.ndarray:
-        """New tokens for each prompt, `[batch, new_tokens]`; see `runtimes.generate.stream`."""
-        return generation.generate(self, prompts, max_new_tokens, **options)
+        """New tokens for each prompt, `[batch, new_tokens]`; see `runtimes.generate.stream`.
+
+        `prompts`: token ids (`[batch, seq]` array or lists of ids), or text when the engine has a tokenizer.
+        """
+        return generation.generate(self, encode_prompts(self.tokenizer, prompts), max_new_tokens, **options)
 
     def stream(self, prompts, max_new_tokens: int = 32, **options) -> Iterator[np.ndarray]:
         """Yield the next token of every prompt, `[batch]`, as each decode step finishes."""
-        return generation.stream(self, prompts, max_new_tokens, **options)
+        return generation.stream(self, encode_prompts(self.tokenizer, prompts), max_new_tokens, **options)
 
     def close(self) -> None:
         pass
