@@ -10,10 +10,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: help install test demo clean
 
+include plugins/plugins.mk
+
 help:
 	@echo "make install   create $(VENV), install $(TORCH_SPEC) then torchkiln[dev] pinned to it"
 	@echo "make test      install, then run the test suite"
 	@echo "make demo      install, convert $(DEMO_PRESET) for the CPU, verify, generate"
+	@echo "make plugins-cuda  build the attention kernel: cubin for $(CUDA_ARCHS) (nvcc)"
+	@echo "make plugins-rocm  build the attention kernel for $(ROCM_ARCH) (hipcc, installed from Debian if missing)"
+	@echo "make plugins-cpu   build the C++ reference: a plain library and the kiln::causal_attention torch op"
 	@echo "make clean     remove build outputs"
 
 install: $(STAMP)

@@ -1,0 +1,22 @@
+"""Fixtures of the plugin tests: the PyTorch op and the CUDA binaries, built once per session."""
+
+import shutil
+
+import pytest
+
+from plugins.build import build
+
+
+@pytest.fixture(scope="session")
+def torch_op():
+    """kiln::causal_attention, built once per session (cached across sessions under build/plugins/)."""
+    from plugins import load_torch_op
+
+    return load_torch_op()
+
+
+@pytest.fixture(scope="session")
+def cuda_binaries():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH: the CUDA kernel cannot be compiled here")
+    return {lib.arch: lib for lib in build("cuda", ["sm_80", "sm_90", "compute_80"])}

@@ -1,0 +1,226 @@
+"""kiln::CausalAttention's TensorRT plugin: shape, launch and attribute logic with stand-ins for TensorRT."""
+
+import inspect
+import re
+import struct
+import sys
+import types
+import typing
+from dataclasses import dataclass, replace
+
+import pytest
+
+from plugins import AttentionInputError
+from plugins import tensorrt_plugin as trt_plugin
+from plugins.build import KERNEL_SOURCE
+
+
+class SymDim:
+    """Stand-in for a TensorRT shape expression: a dynamic dim with only +, -, * and //, kept as text."""
+
+    is_fake = False
+    is_constant = False
+
+    def __init__(self, text):
+        self.text = text
+
+    def _op(self, symbol, other):
+        return SymDim(f"({self.text} {symbol} {getattr(other, 'text', other)})")
+
+    __add__ = lambda self, other: self._op("+", other)
+    __sub__ = lambda self, other: self._op("-", other)
+    __mul__ = lambda self, other: self._op("*", other)
+    __floordiv__ = lambda self, other: self._op("//", other)
+    __rmul__ = __mul__
+
+
+class ConstDim(SymDim):
+    """Stand-in for a shape expression that is a build-time constant."""
+
+    is_constant = True
+
+    def __init__(self, value):
+        super().__init__(str(value))
+        self.value = value
+
+    def constant_value(self):
+        return self.value
+
+
+@dataclass
+class TensorDescStandIn:
+    shape_expr: tuple
+    dtype: str
+
+    def like(self):
+        return replace(self)
+
+
+def test_constants_mirror_the_kernel_source():
+    source = KERNEL_SOURCE.read_text()
+    defines = dict(re.findall(r"#define (KILN_\w+) (\d+)", source))
+    assert int(defines["KILN_ROWS_PER_BLOCK"]) == trt_plugin.ROWS_PER_BLOCK
+    assert int(defines["KILN_TILE_KEYS"]) == trt_plugin.TILE_KEYS
+    assert int(defines["KILN_MAX_HEAD_DIM"]) == trt_plugin.MAX_HEAD_DIM
+    for name in trt_plugin.KERNEL_NAMES.values():
+        assert f"KILN_ATTENTION_ENTRY({name}," in source
+
+
+def test_plugin_is_addressed_like_the_onnx_node():
+    assert (trt_plugin.PLUGIN_NAMESPACE, trt_plugin.PLUGIN_NAME, trt_plugin.PLUGIN_VERSION) == ("kiln", "CausalAttention", "1")
+    assert trt_plugin.PLUGIN_ID == "kiln::CausalAttention"
+
+
+@pytest.mark.parametrize(
+    "query_shape, grid, shared_mem",
+    [((2, 8, 5, 64), (16, 2), 8192), ((1, 32, 1, 128), (32, 1), 16384), ((3, 4, 8, 17), (12, 2), 2176)],
+)
+def test_launch_geometry_with_static_shapes(query_shape, grid, shared_mem):
+    geometry = trt_plugin.launch_geometry(query_shape)
+    assert (geometry.grid_x, geometry.grid_y) == grid
+    assert (geometry.block_x, geometry.block_y) == (32, 4)
+    assert geometry.shared_mem == shared_mem
+
+
+def test_launch_geometry_with_dynamic_shapes_uses_only_shape_expression_ops():
+    query = (SymDim("batch"), ConstDim(32), SymDim("seq"), ConstDim(128))
+    geometry = trt_plugin.launch_geometry(query)
+    assert geometry.grid_x.text == "(batch * 32)"
+    assert geometry.grid_y.text == "((seq + 3) // 4)"
+    assert geometry.shared_mem.text == "(128 * 128)"
+
+
+def test_kernel_args_derive_past_len_from_the_cache_and_carry_scale_bits():
+    args = trt_plugin.kernel_args((2, 8, 3, 64), (2, 2, 10, 64), 0.0)
+    assert args == [8, 2, 3, 10, 7, 64, 0]  # scale 0 asks the kernel for 1/sqrt(head_dim)
+    (bits,) = trt_plugin.kernel_args((1, 4, 1, 16), (1, 4, 5, 16), 0.125)[-1:]
+    assert bits == 0x3E000000 and struct.unpack("<f", struct.pack("<i", bits))[0] == 0.125
+    dynamic = trt_plugin.kernel_args((SymDim("b"), 8, SymDim("q"), 64), (SymDim("b"), 2, SymDim("s"), 64), 0.5)
+    assert dynamic[4].text == "(s - q)"
+
+
+@pytest.mark.parametrize("scale", [-1.0, float("nan"), float("inf")])
+def test_bad_scale_attribute_is_rejected(scale):
+    with pytest.raises(AttentionInputError, match="scale"):
+        trt_plugin.kernel_args((1, 1, 1, 8), (1, 1, 1, 8), scale)
+
+
+@pytest.mark.parametrize(
+    "query_shape, key_shape, message",
+    [
+        ((1, 8, 4, 512), (1, 8, 4, 512), "head_dim 1..256"),
+        ((1, ConstDim(6), SymDim("q"), 64), (1, ConstDim(4), SymDim("s"), 64), "multiple of kv_heads"),
+        ((1, 8, 4, 64), (1, 8, 4, 32), "differs"),
+        ((8, 4, 64), (1, 8, 4, 64), "4-d"),
+    ],
+)
+def test_shapes_the_kernel_cannot_run_are_rejected(query_shape, key_shape, message):
+    with pytest.raises(AttentionInputError, match=message):
+        trt_plugin.check_shapes(query_shape, key_shape)
+
+
+def test_unknown_dims_pass_the_build_time_check():
+    trt_plugin.check_shapes((SymDim("b"), SymDim("h"), SymDim("q"), ConstDim(64)), (SymDim("b"), 2, SymDim("s"), 64))
+
+
+def test_output_is_described_like_the_query_and_kernel_follows_dtype():
+    query = TensorDescStandIn((SymDim("b"), 8, SymDim("q"), 64), "float16")
+    trt_plugin.check_dtypes("float16", "float16", "float16", "float32")
+    out = query.like()
+    assert out.shape_expr == query.shape_expr and out.dtype == "float16"
+    assert trt_plugin.kernel_name("float16") == "kiln_causal_attention_f16"
+    assert trt_plugin.kernel_name("float32") == "kiln_causal_attention_f32"
+
+
+@pytest.mark.parametrize(
+    "dtypes, message",
+    [(("float16", "float32", "float16", "float32"), "all float32 or all float16"), (("float32",) * 3 + ("float16",), "float32 alibi_slopes"), (("bfloat16",) * 3 + ("float32",), "all float32")],
+)
+def test_mixed_dtypes_are_rejected(dtypes, message):
+    with pytest.raises(AttentionInputError, match=message):
+        trt_plugin.check_dtypes(*dtypes)
+
+
+def test_type_combinations_cover_every_io():
+    positions = [p.strip() for p in trt_plugin.IO_TYPES.split(",")]
+    assert positions == ["FP32|FP16", "FP32|FP16", "FP32|FP16", "FP32", "FP32|FP16"]  # q, k, v, slopes, out
+
+
+def test_aot_ptx_exports_the_kernel_names(cuda_binaries):
+    ptx = cuda_binaries[trt_plugin.PTX_ARCH].path.read_text()
+    for name in trt_plugin.KERNEL_NAMES.values():
+        # The AOT ABI: input pointers, then int32 scalars, then the output pointer.
+        params = re.search(rf"\.entry {name}\((.*?)\)", ptx, re.S).group(1)
+        kinds = re.findall(r"\.param \.(u64|u32)", params)
+        assert kinds == ["u64"] * 4 + ["u32"] * 7 + ["u64"]
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """register() run against a stand-in tensorrt.plugin that records the decorated functions."""
+    trt = types.ModuleType("tensorrt")
+    trtp = types.ModuleType("tensorrt.plugin")
+    trt.plugin, trt.float32, trt.float16 = trtp, "trt.float32", "trt.float16"
+
+    class KernelLaunchParams:
+        grid_x = grid_y = grid_z = block_x = block_y = block_z = 1
+        shared_mem = 0
+
+    class SymIntExprs(list):
+        from_tuple = classmethod(lambda cls, items: cls(items))
+
+    @dataclass
+    class AutoTuneCombination:
+        io_types: str
+        layouts: str
+
+    functions = {}
+    recorder = lambda kind: lambda plugin_id: lambda fn: functions.setdefault((plugin_id, kind), fn)
+    trtp.TensorDesc, trtp.KernelLaunchParams, trtp.SymIntExprs = TensorDescStandIn, KernelLaunchParams, SymIntExprs
+    trtp.AutoTuneCombination, trtp.SymInt32 = AutoTuneCombination, lambda value: value
+    trtp.register, trtp.autotune, trtp.aot_impl = recorder("register"), recorder("autotune"), recorder("aot_impl")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(trt_plugin, "_registered", False)
+    trt_plugin.register(ptx=b"// ptx")
+    return {kind: fn for (plugin_id, kind), fn in functions.items() if plugin_id == trt_plugin.PLUGIN_ID}
+
+
+def test_registered_signatures_follow_tensorrt_plugin_rules(registered):
+    assert set(registered) == {"register", "autotune", "aot_impl"}
+    describe = inspect.signature(registered["register"])
+    assert list(describe.parameters) == ["query", "key", "value", "alibi_slopes", "scale"]
+    assert describe.parameters["scale"].annotation is float and describe.parameters["scale"].default is inspect.Parameter.empty
+    assert describe.return_annotation is TensorDescStandIn
+    assert list(inspect.signature(registered["autotune"]).parameters) == ["query", "key", "value", "alibi_slopes", "outputs"]
+    assert typing.get_origin(inspect.signature(registered["autotune"]).return_annotation) is list
+    aot = inspect.signature(registered["aot_impl"])
+    assert list(aot.parameters) == ["query", "key", "value", "alibi_slopes", "scale", "outputs", "tactic"]
+    assert typing.get_origin(aot.parameters["outputs"].annotation) is tuple
+    assert typing.get_origin(aot.return_annotation) is tuple and len(typing.get_args(aot.return_annotation)) == 4
+
+
+def test_registered_functions_describe_tune_and_launch(registered):
+    query = TensorDescStandIn((2, 8, 3, 64), "trt.float16")
+    key = TensorDescStandIn((2, 2, 10, 64), "trt.float16")
+    slopes = TensorDescStandIn((8,), "trt.float32")
+    out = registered["register"](query, key, key, slopes, 0.0)
+    assert out.shape_expr == query.shape_expr and out.dtype == "trt.float16"
+    with pytest.raises(AttentionInputError, match="all float32 or all float16"):
+        registered["register"](query, TensorDescStandIn((2, 2, 10, 64), "trt.float32"), key, slopes, 0.0)
+    (combination,) = registered["autotune"](query, key, key, slopes, (out,))
+    assert combination.io_types == trt_plugin.IO_TYPES
+
+    name, ptx, params, args = registered["aot_impl"](query, key, key, slopes, 0.0, (out,), 0)
+    assert (name, ptx) == (b"kiln_causal_attention_f16", b"// ptx")
+    assert (params.grid_x, params.grid_y, params.block_x, params.block_y, params.shared_mem) == (16, 1, 32, 4, 8192)
+    assert list(args) == [8, 2, 3, 10, 7, 64, 0]
+
+
+@pytest.mark.tensorrt
+def test_registers_with_tensorrt():
+    import tensorrt.plugin as trtp
+
+    trt_plugin.register()
+    trt_plugin.register()  # idempotent
+    assert hasattr(trtp.op.kiln, "CausalAttention")
