@@ -4,11 +4,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PRESET ?= tiny-gpt2
 DEMO_OUT ?= build/$(DEMO_PRESET)-cpu-fp32
+# What `make cpu|aoti|cuda|rocm|tensorrt` converts: a preset, a model folder or package.module:factory.
+MODEL ?= tiny-gpt2
+PRECISION ?= fp32
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test demo clean
+.PHONY: help install test demo clean cpu aoti cuda rocm tensorrt
 
 include plugins/plugins.mk
 
@@ -19,6 +22,11 @@ help:
 	@echo "make plugins-cuda  build the attention kernel: cubin for $(CUDA_ARCHS) (nvcc)"
 	@echo "make plugins-rocm  build the attention kernel for $(ROCM_ARCH) (hipcc, installed from Debian if missing)"
 	@echo "make plugins-cpu   build the C++ reference: a plain library and the kiln::causal_attention torch op"
+	@echo "make cpu       convert MODEL=$(MODEL) for ONNX Runtime on the CPU (PRECISION=$(PRECISION)) into build/, verified"
+	@echo "make aoti      the same as an AOTInductor package for the CPU"
+	@echo "make cuda      the same for ONNX Runtime's CUDA provider (needs an NVIDIA GPU)"
+	@echo "make rocm      the same for ONNX Runtime's MIGraphX provider (needs an AMD GPU with ROCm)"
+	@echo "make tensorrt  the same as a TensorRT plan (needs an NVIDIA GPU and TensorRT)"
 	@echo "make clean     remove build outputs"
 
 install: $(STAMP)
@@ -39,6 +47,35 @@ demo: install
 	$(BIN)/kiln convert $(DEMO_PRESET) --target cpu --precision fp32 -o $(DEMO_OUT) --force
 	$(BIN)/kiln inspect $(DEMO_OUT)
 	$(BIN)/kiln generate $(DEMO_OUT) --prompt-ids 1,2,3,4 --max-new-tokens 32
+
+# Each hardware target converts into build/<model>-<target>-<precision>/ (kiln's default) and verifies.
+cpu: install
+	$(BIN)/kiln convert $(MODEL) --target cpu --precision $(PRECISION) --force
+
+aoti: install
+	$(BIN)/kiln convert $(MODEL) --target aoti-cpu --precision $(PRECISION) --force
+
+# The GPU targets check for their hardware before installing anything, so they fail fast elsewhere.
+NO_NVIDIA = { echo "make $@: no NVIDIA GPU on this machine (nvidia-smi lists none); the $@ target needs one" >&2; exit 2; }
+
+cuda:
+	@nvidia-smi -L >/dev/null 2>&1 || $(NO_NVIDIA)
+	$(MAKE) install
+	# onnxruntime and onnxruntime-gpu cannot coexist: swap them, keeping the pinned torch.
+	$(BIN)/python -m pip uninstall -y -q onnxruntime
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt onnxruntime-gpu
+	$(BIN)/kiln convert $(MODEL) --target cuda --precision $(PRECISION) --force
+
+rocm:
+	@test -e /dev/kfd || { echo "make rocm: no AMD GPU on this machine (no /dev/kfd); the rocm target needs one with ROCm" >&2; exit 2; }
+	$(MAKE) install
+	$(BIN)/kiln convert $(MODEL) --target rocm --precision $(PRECISION) --force
+
+tensorrt:
+	@nvidia-smi -L >/dev/null 2>&1 || $(NO_NVIDIA)
+	$(MAKE) install
+	$(BIN)/python -c "import tensorrt" 2>/dev/null || $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt tensorrt
+	$(BIN)/kiln convert $(MODEL) --target tensorrt --precision $(PRECISION) --force
 
 clean:
 	rm -rf build

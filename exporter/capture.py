@@ -77,6 +77,39 @@ class CapturedGraph:
     opset: int
 
 
+def dynamic_shapes(layers: int, batch, sequence, past, total) -> dict:
+    """torch.export dynamic shapes for `DecoderWithCache.forward`, one Dim object per contract axis."""
+    return {
+        "input_ids": {0: batch, 1: sequence},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: sequence},
+        "past_key_values": [{0: batch, 2: past}] * (2 * layers),
+    }
+
+
+def contract_signature(facts: ModelFacts) -> dict:
+    """The IO signature of the contract, as `runtimes.Signature.to_json` writes it."""
+    inputs, outputs = io_names(facts.layers)
+    cache = ["batch", facts.kv_heads, "past_sequence", facts.head_dim]
+    shapes = {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "total_sequence"],
+              "position_ids": ["batch", "sequence"], "logits": ["batch", "sequence", facts.vocab_size]}
+    return {
+        "inputs": [{"name": n, "dtype": "int64" if n in shapes else "float32", "shape": shapes.get(n, cache)} for n in inputs],
+        "outputs": [{"name": n, "dtype": "float32",
+                     "shape": shapes.get(n, ["batch", facts.kv_heads, "total_sequence", facts.head_dim])} for n in outputs],
+    }
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporters print progress and graph dumps and warn freely: keep them off the user's terminal."""
+    log = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), torch.no_grad():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> CapturedGraph:
     """Export `loaded` to `out_dir/model.onnx` (+ `model.onnx.data` when over the threshold)."""
     from torch.export import Dim
@@ -85,25 +118,15 @@ def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = E
     wrapper = DecoderWithCache(loaded.module, facts.layers).eval()
     inputs, outputs = io_names(facts.layers)
     args = example_inputs(facts)
-    batch, sequence, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
-    dynamic_shapes = {
-        "input_ids": {0: batch, 1: sequence},
-        "attention_mask": {0: batch, 1: total},
-        "position_ids": {0: batch, 1: sequence},
-        "past_key_values": [{0: batch, 2: past}] * (2 * facts.layers),
-    }
-    exporter_log = io.StringIO()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    dims = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
     try:
-        # The exporter prints progress and graph dumps and warns freely: keep them off the user's terminal.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(exporter_log), contextlib.redirect_stderr(exporter_log), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with quiet_exporter():
             program = torch.onnx.export(
-                wrapper, (args[0], args[1], args[2], args[3:]), dynamic_shapes=dynamic_shapes, dynamo=True,
-                optimize=True, input_names=inputs, output_names=outputs,
+                wrapper, (args[0], args[1], args[2], args[3:]), dynamic_shapes=dynamic_shapes(facts.layers, *dims),
+                dynamo=True, optimize=True, input_names=inputs, output_names=outputs,
             )
     except Exception as e:  # the exporter raises many types; all mean "this model cannot be captured"
-        raise ExportError(_export_failure(e)) from e
+        raise ExportError(export_failure(e)) from e
     _name_output_dims(program.model, facts)
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.module.parameters())
     external = weight_bytes > external_data_threshold
@@ -125,7 +148,7 @@ def _name_output_dims(model, facts: ModelFacts) -> None:
             value.shape = ir.Shape(["batch", facts.kv_heads, "total_sequence", facts.head_dim])
 
 
-def _export_failure(error: Exception) -> str:
+def export_failure(error: Exception) -> str:
     """One readable line: the innermost reason, and the op the exporter stopped at when it says."""
     innermost = error
     while innermost.__cause__ is not None:

@@ -18,7 +18,7 @@ from typing import Callable
 from kiln.errors import KilnError, VerificationFailed
 from kiln.manifest import write_json, write_manifest
 from kiln.reference import reference_predictor
-from kiln.targets import target_named
+from kiln.targets import Target, missing_on_host, target_named
 from kiln.verify import VerificationInputs, compare
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -59,6 +59,9 @@ def convert(
     `precision`, and other KilnErrors (exit 2) for bad input.
     """
     target_spec = target_named(target, precision)
+    missing = missing_on_host(target_spec)
+    if missing:
+        raise KilnError(f"target {target!r} cannot be built on this machine: {missing}")
     output = Path(output) if output is not None else default_output(spec, target, precision)
     _refuse_existing(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +87,7 @@ def convert(
 
             loaded = load_model(spec, trust_remote_code=trust_remote_code)
         with step("export"):
-            from exporter.capture import EXTERNAL_DATA_THRESHOLD, capture
-
-            threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
-            graph = capture(loaded, workdir, external_data_threshold=threshold)
+            graph = _capture(loaded, workdir, target_spec, external_data_threshold)
             tokenizer = _copy_tokenizer(loaded.tokenizer_dir, workdir)
         fields = {
             "source": {
@@ -106,10 +106,13 @@ def convert(
             "opset": graph.opset,
             "tokenizer": tokenizer,
         }
-        write_manifest(workdir, dict(fields, signature={}, steps=steps, verification={"skipped": True}))
+        from exporter.capture import contract_signature
+
+        fields["signature"] = contract_signature(loaded.facts)
+        write_manifest(workdir, dict(fields, steps=steps, verification={"skipped": True}))
         import runtimes
 
-        with runtimes.load(workdir) as engine:
+        with runtimes.load(workdir, device=target_spec.device) as engine:
             fields["signature"] = engine.signature.to_json()
             if verify:
                 with step("verify"):
@@ -128,6 +131,17 @@ def convert(
         # Also on KeyboardInterrupt and SystemExit (SIGINT, SIGTERM): never leave a half-built engine.
         shutil.rmtree(workdir, ignore_errors=True)
     return ConvertResult(output, manifest, steps)
+
+
+def _capture(loaded, workdir: Path, target: Target, external_data_threshold: int | None):
+    if target.backend == "aoti":
+        from exporter.aoti import capture_aoti
+
+        return capture_aoti(loaded, workdir, device=target.device)
+    from exporter.capture import EXTERNAL_DATA_THRESHOLD, capture
+
+    threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+    return capture(loaded, workdir, external_data_threshold=threshold)
 
 
 def _refuse_existing(output: Path, force: bool) -> None:

@@ -10,6 +10,7 @@ from kiln.errors import KilnError
 class Target:
     name: str
     backend: str  # the runtimes adapter that runs its engines
+    device: str  # "cpu" or "cuda" (ROCm builds of torch call AMD GPUs "cuda" too)
     providers: tuple[str, ...]  # ONNX Runtime execution providers, in priority order
     precisions: tuple[str, ...]  # those implemented so far; the first is the default
     description: str
@@ -18,7 +19,10 @@ class Target:
 TARGETS = {
     t.name: t
     for t in (
-        Target("cpu", "onnxruntime", ("CPUExecutionProvider",), ("fp32",), "ONNX Runtime on the CPU"),
+        Target("cpu", "onnxruntime", "cpu", ("CPUExecutionProvider",), ("fp32",), "ONNX Runtime on the CPU"),
+        Target("aoti-cpu", "aoti", "cpu", (), ("fp32",), "AOTInductor package (model.pt2) on the CPU"),
+        Target("aoti-cuda", "aoti", "cuda", (), ("fp32",), "AOTInductor package on an NVIDIA GPU"),
+        Target("aoti-rocm", "aoti", "cuda", (), ("fp32",), "AOTInductor package on an AMD GPU (ROCm build of torch)"),
     )
 }
 
@@ -32,3 +36,23 @@ def target_named(name: str, precision: str) -> Target:
             f"precision {precision!r} is not supported for target {name!r} (supported: {', '.join(target.precisions)})"
         )
     return target
+
+
+def missing_on_host(target: Target) -> str | None:
+    """Why this machine cannot build and verify `target`'s engines, or None when it can."""
+    if target.backend == "onnxruntime":
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+        absent = [p for p in target.providers if p not in available]
+        if absent:
+            return f"ONNX Runtime here lacks {', '.join(absent)} (available: {', '.join(available)})"
+    if target.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            backend = "ROCm (HIP)" if target.name.endswith("rocm") else "CUDA"
+            return f"needs a {backend} build of torch and a GPU; this torch is {torch.__version__} and sees no GPU"
+        if target.name.endswith("rocm") != (torch.version.hip is not None):
+            return f"needs a {'ROCm' if target.name.endswith('rocm') else 'CUDA'} build of torch; this one is {torch.__version__}"
+    return None

@@ -12,6 +12,8 @@ from runtimes.tokenizer import load_tokenizer
 # backend name in the manifest -> "module:class" of its adapter; new engines add a row here.
 ADAPTERS = {
     "onnxruntime": "runtimes.onnxruntime_adapter:OnnxRuntimePredictor",
+    "tensorrt": "runtimes.tensorrt_adapter:TensorRTPredictor",
+    "aoti": "runtimes.aoti_adapter:AotiPredictor",
 }
 
 

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
     missing = _missing_hardware()
     for item in items:
         for marker, reason in missing.items():
-            if reason and marker in item.keywords:
+            if reason and item.get_closest_marker(marker):
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 

@@ -33,6 +33,18 @@ def test_engine_carries_the_tokenizer_and_takes_text(engine_with_tokenizer):
     np.testing.assert_array_equal(engine.generate("hello world", 6), engine.generate([ids], 6))
 
 
+def test_a_changed_tokenizer_is_refused(engine_with_tokenizer, tmp_path):
+    import shutil
+
+    from runtimes import EngineError
+
+    copy = shutil.copytree(engine_with_tokenizer[0], tmp_path / "engine")
+    path = copy / "tokenizer" / "tokenizer.json"
+    path.write_text(path.read_text().replace("kiln", "kilm"))
+    with pytest.raises(EngineError, match="file 'tokenizer/tokenizer.json' does not match its sha256"):
+        kiln.load(copy)
+
+
 def test_kiln_generate_streams_text(engine_with_tokenizer):
     engine_dir, tokenizer = engine_with_tokenizer
     result = CliRunner().invoke(cli, ["generate", str(engine_dir), "--prompt", "the kiln", "--max-new-tokens", "5", "--json"])

@@ -1,0 +1,472 @@
+"""The TensorRT target's builder: ONNX -> serialized plan, with optimization profiles and caches.
+
+The pipeline's entry point is `build_engine_files`. Everything but `build_plan` and `host_facts` is
+plain arithmetic on names and shapes, tested where TensorRT is absent; those two import tensorrt
+(and torch, for the GPU's name) when called.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from kiln.errors import KilnError
+from runtimes.signature import Signature, TensorSpec
+
+PLAN_FILE = "engine.plan"
+TIMING_CACHE_FILE = "timing.cache"
+NOT_INSTALLED = "TensorRT is not installed: pip install tensorrt on a machine with an NVIDIA GPU"
+
+# min, opt, max of each dim of one input: what IOptimizationProfile.set_shape takes.
+ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Ranges of the contract's dynamic dims; total_sequence follows from past_sequence + sequence."""
+
+    batch: DimRange
+    sequence: DimRange
+    past_sequence: DimRange
+
+    @property
+    def total_sequence(self) -> DimRange:
+        past, seq = self.past_sequence, self.sequence
+        return DimRange(past.min + seq.min, past.opt + seq.opt, past.max + seq.max)
+
+    def dims(self) -> dict[str, DimRange]:
+        return {"batch": self.batch, "sequence": self.sequence, "past_sequence": self.past_sequence,
+                "total_sequence": self.total_sequence}
+
+
+# Opt is the decode step (one new token after a long past): decode steps outnumber prefills.
+DEFAULT_PROFILE = Profile(DimRange(1, 1, 8), DimRange(1, 1, 512), DimRange(0, 512, 1536))
+_FIELDS = {"batch": "batch", "sequence": "sequence", "past": "past_sequence", "past_sequence": "past_sequence"}
+_LOWEST = {"batch": 1, "sequence": 1, "past_sequence": 0}  # a prefill has no past; a step has a token
+
+
+def parse_profile(text: str | None, max_positions: int | None = None) -> Profile:
+    """`"batch=1:4:8,sequence=1:128:512,past=0:512:2048"` -> Profile; fields left out keep the defaults.
+
+    A field is `min:opt:max` or one number (fixed). Defaults shrink to fit `max_positions` (the
+    model's position table); ranges given explicitly beyond it are an error.
+    """
+    given: dict[str, DimRange] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _FIELDS:
+            raise KilnError(
+                f"--profile: expected fields batch=, sequence=, past= (min:opt:max each), got {item.strip()!r}"
+            )
+        field = _FIELDS[key]
+        if field in given:
+            raise KilnError(f"--profile: field {key!r} is given twice")
+        given[field] = _parse_range(key, value.strip(), _LOWEST[field])
+    ranges = {}
+    for field, default in DEFAULT_PROFILE.dims().items():
+        if field == "total_sequence":
+            continue
+        limit = _position_limit(field, max_positions)
+        if field in given:
+            if limit is not None and given[field].max > limit:
+                raise KilnError(
+                    f"--profile: field {_key_of(field)!r}: max {given[field].max} exceeds the model's "
+                    f"{max_positions} positions (expected at most {limit})"
+                )
+            ranges[field] = given[field]
+        else:
+            ranges[field] = _clamp(default, limit)
+    return Profile(**ranges)
+
+
+def _parse_range(key: str, value: str, lowest: int) -> DimRange:
+    expected = f"min:opt:max integers (or one integer) with {lowest} <= min <= opt <= max"
+    parts = value.split(":")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) == 1:
+        numbers *= 3
+    if len(numbers) != 3 or not lowest <= numbers[0] <= numbers[1] <= numbers[2]:
+        raise KilnError(f"--profile: field {key!r}: expected {expected}, got {value!r}")
+    return DimRange(*numbers)
+
+
+def _position_limit(field: str, max_positions: int | None) -> int | None:
+    if max_positions is None or field == "batch":
+        return None
+    # A past of max_positions - 1 still leaves room for the one token of a decode step.
+    return max_positions if field == "sequence" else max_positions - 1
+
+
+def _clamp(default: DimRange, limit: int | None) -> DimRange:
+    if limit is None:
+        return default
+    return DimRange(min(default.min, limit), min(default.opt, limit), min(default.max, limit))
+
+
+def _key_of(field: str) -> str:
+    return "past" if field == "past_sequence" else field
+
+
+def profile_shapes(signature: Signature, profile: Profile) -> dict[str, ShapeRange]:
+    """Every input of `signature` -> (min, opt, max) shapes, its symbolic dims looked up in `profile`.
+
+    e.g. `past_key_values.0.key [batch, 4, past_sequence, 16]` -> ((1,4,0,16), (1,4,512,16), (8,4,1536,16)).
+    """
+    dims = profile.dims()
+    shapes = {}
+    for spec in signature.inputs:
+        low, opt, high = [], [], []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int):
+                size = DimRange(dim, dim, dim)
+            elif dim in dims:
+                size = dims[dim]
+            else:
+                raise KilnError(
+                    f"input {spec.name!r}: axis {axis} is {dim!r}; a TensorRT profile covers "
+                    f"{', '.join(dims)} and fixed sizes only"
+                )
+            low.append(size.min)
+            opt.append(size.opt)
+            high.append(size.max)
+        shapes[spec.name] = (tuple(low), tuple(opt), tuple(high))
+    return shapes
+
+
+def onnx_signature(onnx_path: Path) -> Signature:
+    """Names, dtypes and symbolic shapes of the graph's inputs and outputs (weights are not read)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    def spec(value) -> TensorSpec:
+        tensor = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
+        return TensorSpec(value.name, tensor_dtype_to_np_dtype(tensor.elem_type).name, shape)
+
+    return Signature(tuple(spec(v) for v in graph.input), tuple(spec(v) for v in graph.output))
+
+
+@dataclass(frozen=True)
+class PrecisionFlags:
+    builder_flags: tuple[str, ...]  # names of trt.BuilderFlag members to set
+    strongly_typed: bool  # the network keeps the ONNX graph's types; precision is in the graph
+
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def precision_flags(precision: str, tensorrt_version: str) -> PrecisionFlags:
+    """Builder flags for `precision` on this TensorRT.
+
+    TensorRT 10 lowers an fp32 graph by flags; int8 also allows fp16 for the layers left unquantized
+    (as `trtexec --int8 --fp16`). TensorRT 11 removed those flags: every network is strongly typed,
+    so the ONNX must already carry fp16/bf16 types or Q/DQ nodes (the optimizers' recipes do that).
+    """
+    if precision not in PRECISIONS:
+        raise KilnError(f"TensorRT precision {precision!r} is unknown (expected one of {', '.join(PRECISIONS)})")
+    if _major(tensorrt_version) >= 11:
+        return PrecisionFlags((), strongly_typed=True)
+    flags = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16")}[precision]
+    return PrecisionFlags(flags, strongly_typed=False)
+
+
+def _major(version: str) -> int:
+    head = version.split(".")[0]
+    if not head.isdigit():
+        raise KilnError(f"TensorRT version: expected 'major.minor.patch', got {version!r}")
+    return int(head)
+
+
+def onnx_sha256(onnx_path: Path) -> str:
+    """sha256 of the graph file and its external weights (`model.onnx.data`), when it has them."""
+    onnx_path = Path(onnx_path)
+    digest = hashlib.sha256()
+    for path in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What a plan is tied to: it runs only on this TensorRT version and this compute capability."""
+
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    tensorrt_version: str
+
+
+def engine_cache_key(
+    onnx_digest: str,
+    precision: str,
+    profiles: Sequence[Mapping[str, ShapeRange]],
+    host: HostFacts,
+    plugin_digest: str | None = None,
+) -> str:
+    """sha256 naming a plan: same graph, precision, profiles, GPU and TensorRT -> same key."""
+    flags = precision_flags(precision, host.tensorrt_version)
+    document = {
+        "onnx": onnx_digest,
+        "precision": precision,
+        "flags": list(flags.builder_flags),
+        "strongly_typed": flags.strongly_typed,
+        "profiles": [{name: [list(s) for s in shapes] for name, shapes in sorted(p.items())} for p in profiles],
+        "host": asdict(host),
+        "plugin": plugin_digest,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def tag_plugin_nodes(model) -> int:
+    """Mark kiln::CausalAttention nodes for TensorRT's ONNX parser; returns how many there are.
+
+    The parser finds a plugin by op_type plus the `plugin_namespace` / `plugin_version` attributes (not
+    the ONNX domain), and takes its ahead-of-time implementation only when `aot` is set.
+    """
+    from onnx import helper
+
+    from plugins.tensorrt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+    wanted = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
+    count = 0
+    for node in model.graph.node:
+        if node.domain != PLUGIN_NAMESPACE or node.op_type != PLUGIN_NAME:
+            continue
+        present = {a.name for a in node.attribute}
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in wanted.items() if k not in present)
+        count += 1
+    return count
+
+
+def check_int8_graph(model) -> None:
+    """int8 on TensorRT means explicit quantization: without Q/DQ nodes nothing would be int8."""
+    ops = {node.op_type for node in model.graph.node}
+    if not {"QuantizeLinear", "DequantizeLinear"} <= ops:
+        raise KilnError(
+            "precision 'int8' for TensorRT: expected a graph with QuantizeLinear/DequantizeLinear nodes "
+            "(explicit quantization), got a graph without them"
+        )
+
+
+@dataclass(frozen=True)
+class ParserProblem:
+    node: str
+    operator: str
+    description: str
+
+
+def parser_failure(onnx_path: Path, problems: Sequence[ParserProblem]) -> str:
+    """One message listing every node the ONNX parser refused, by name and operator."""
+    lines = [f"  node {p.node or '?'!r} ({p.operator or '?'}): {p.description}" for p in problems]
+    return f"{onnx_path}: TensorRT's ONNX parser refused {len(problems)} node(s):\n" + "\n".join(lines)
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise KilnError(NOT_INSTALLED) from None
+    return tensorrt
+
+
+def host_facts() -> HostFacts:
+    """This machine's GPU and TensorRT; KilnError naming what is missing."""
+    trt = import_tensorrt()
+    try:
+        import torch
+    except ImportError:
+        raise KilnError("building a TensorRT engine needs torch to find the GPU: pip install torch") from None
+    if not torch.cuda.is_available():
+        raise KilnError("TensorRT needs an NVIDIA GPU: torch.cuda sees none on this machine")
+    major, minor = torch.cuda.get_device_capability()
+    return HostFacts(torch.cuda.get_device_name(), f"{major}.{minor}", trt.__version__)
+
+
+@dataclass
+class BuildReport:
+    plan: Path
+    cache_key: str
+    cache_hit: bool
+    seconds: float
+    host: HostFacts
+    plugin_nodes: int
+
+    def to_json(self) -> dict:
+        """The manifest's `tensorrt` record: what the plan is tied to and how it was made."""
+        return {"cache_key": self.cache_key, "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
+                "plugin_nodes": self.plugin_nodes, **asdict(self.host)}
+
+
+def build_plan(
+    onnx_path: Path,
+    out_path: Path,
+    profiles: Sequence[Mapping[str, ShapeRange]],
+    precision: str,
+    timing_cache_path: Path | None,
+    plugin_ptx: bytes | None = None,
+) -> int:
+    """Parse `onnx_path`, build a plan for `profiles` (one dict of input shapes each) and write it.
+
+    The timing cache is read from and written back to `timing_cache_path`, so later builds on this GPU
+    skip kernel timing. Returns the number of kiln attention nodes mapped to the plugin.
+    """
+    import onnx
+
+    trt = import_tensorrt()
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if precision == "int8":
+        check_int8_graph(model)
+    plugin_nodes = tag_plugin_nodes(model)
+    if plugin_nodes or plugin_ptx is not None:
+        # The parser looks the plugin up in the registry as it meets the node: register it first.
+        # Registering needs the kernel's PTX (nvcc) only when the graph uses it.
+        from plugins.tensorrt_plugin import register
+
+        register(plugin_ptx)
+    flags = precision_flags(precision, trt.__version__)
+    logger = _collecting_logger(trt)
+    builder = trt.Builder(logger)
+    network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if flags.strongly_typed else 0
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, logger)
+    # `path` lets the parser find external weights next to the graph file.
+    if not parser.parse(model.SerializeToString(), path=str(onnx_path)):
+        problems = [_problem(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise KilnError(parser_failure(onnx_path, problems))
+    config = builder.create_builder_config()
+    for name in flags.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    cache_bytes = Path(timing_cache_path).read_bytes() if timing_cache_path and Path(timing_cache_path).is_file() else b""
+    timing_cache = config.create_timing_cache(cache_bytes)
+    # A cache from another GPU or TensorRT is ignored rather than trusted.
+    config.set_timing_cache(timing_cache, False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise KilnError(f"{onnx_path}: TensorRT could not build an engine: {logger.summary()}")
+    _write_atomically(out_path, bytes(memoryview(plan)))
+    if timing_cache_path:
+        _write_atomically(Path(timing_cache_path), bytes(memoryview(config.get_timing_cache().serialize())))
+    return plugin_nodes
+
+
+def build_or_reuse_plan(
+    onnx_path: Path,
+    out_path: Path,
+    profiles: Sequence[Mapping[str, ShapeRange]],
+    precision: str,
+    cache_dir: Path | None = None,
+    plugin_ptx: bytes | None = None,
+) -> BuildReport:
+    """`build_plan` through the engine cache: a plan of the same key is copied instead of rebuilt."""
+    start = time.perf_counter()
+    host = host_facts()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    plugin_digest = hashlib.sha256(plugin_ptx).hexdigest() if plugin_ptx is not None else None
+    key = engine_cache_key(onnx_sha256(onnx_path), precision, profiles, host, plugin_digest)
+    cached = cache_dir / f"{key}.plan"
+    hit = cached.is_file()
+    plugin_nodes = None
+    if not hit:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        plugin_nodes = build_plan(onnx_path, cached, profiles, precision, cache_dir / TIMING_CACHE_FILE, plugin_ptx)
+    shutil.copyfile(cached, out_path)
+    if plugin_nodes is None:
+        import onnx
+
+        plugin_nodes = tag_plugin_nodes(onnx.load(str(onnx_path), load_external_data=False))
+    return BuildReport(Path(out_path), key, hit, time.perf_counter() - start, host, plugin_nodes)
+
+
+def default_cache_dir() -> Path:
+    """build/tensorrt/ at the repository root, or $KILN_TENSORRT_CACHE_DIR."""
+    override = os.environ.get("KILN_TENSORRT_CACHE_DIR")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "build" / "tensorrt"
+
+
+def _problem(error) -> ParserProblem:
+    # node_name / node_operator came with TensorRT 10; the node index is all older parsers give.
+    node = error.node_name() if hasattr(error, "node_name") else f"#{error.node()}"
+    operator = error.node_operator() if hasattr(error, "node_operator") else ""
+    return ParserProblem(node, operator, error.desc())
+
+
+def _collecting_logger(trt):
+    """A trt.ILogger that keeps errors, so a failed build can say why instead of "returned None"."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, message):
+            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                self.errors.append(message)
+
+        def summary(self) -> str:
+            return "; ".join(self.errors[-3:]) or "no error was logged"
+
+    return CollectingLogger()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # An interrupted write never looks like a finished plan (the cache trusts whatever is there).
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def build_engine_files(
+    onnx_path: Path,
+    engine_dir: Path,
+    precision: str,
+    profile: str | None = None,
+    max_positions: int | None = None,
+    cache_dir: Path | None = None,
+    plugin_ptx: bytes | None = None,
+) -> dict:
+    """The tensorrt target's build step: `engine_dir/engine.plan` from the captured (optimized) ONNX.
+
+    `profile` is the CLI's `batch=..,sequence=..,past=..` text. Returns the manifest fields to merge:
+    backend, model_file, signature (the ONNX's dim names, which a plan forgets) and `tensorrt` (what
+    the plan is tied to, its profile and cache key). The ONNX files are left for the caller to remove.
+    """
+    signature = onnx_signature(onnx_path)
+    ranges = parse_profile(profile, max_positions)
+    shapes = profile_shapes(signature, ranges)
+    report = build_or_reuse_plan(onnx_path, Path(engine_dir) / PLAN_FILE, [shapes], precision, cache_dir, plugin_ptx)
+    profile_record = {name: [r.min, r.opt, r.max] for name, r in ranges.dims().items()}
+    return {
+        "backend": "tensorrt",
+        "model_file": PLAN_FILE,
+        "external_data": False,
+        "signature": signature.to_json(),
+        "tensorrt": dict(report.to_json(), profile=profile_record),
+    }
