@@ -254,3 +254,39 @@ def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temper
     else:
         click.echo()
         click.echo(f"{len(produced)} tokens in {seconds:.2f}s ({len(produced) / seconds:.1f} tok/s, prefill included)", err=True)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+def verify(ctx, engine_dir, as_json):
+    """Check an engine's files against its manifest, then re-run its fidelity check against PyTorch."""
+    import runtimes
+    from kiln.reference import load_reference
+    from kiln.verify import VerificationInputs, compare
+    from runtimes.engine_dir import read_manifest
+
+    _json_mode(ctx, as_json)
+    manifest = read_manifest(engine_dir)
+    stored = manifest["verification"].get("inputs")
+    inputs = VerificationInputs(**stored) if stored else VerificationInputs()
+    with runtimes.load(engine_dir, device=_device_of(manifest)) as engine:
+        report = compare(engine, load_reference(engine_dir), manifest["source"]["config"]["vocab_size"],
+                         manifest["precision"], inputs)
+    if not report["passed"]:
+        raise VerificationFailed(f"{engine_dir}: verification failed: " + "; ".join(report["failures"]), report)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "exit_code": 0, "files": "match the manifest", "verification": report}, indent=2))
+        return
+    logits = report["logits"]
+    click.echo(f"files: all {len(manifest['files'])} match the manifest")
+    click.echo(f"verification: passed; logits max abs error {logits['max_abs']:.2e}, top-1 {logits['top1_agreement']:.2%}, "
+               f"KL {logits['kl_mean']:.2e}")
+
+
+def _device_of(manifest: dict) -> str:
+    from kiln.targets import TARGETS
+
+    target = TARGETS.get(manifest["target"])
+    return target.device if target else "cpu"

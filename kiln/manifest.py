@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from runtimes.engine_dir import MANIFEST, SCHEMA_VERSION, sha256_file
+from runtimes.engine_dir import MANIFEST, SCHEMA_VERSION, manifest_digest, sha256_file
 
 
 def torchkiln_version() -> str:
@@ -39,6 +39,7 @@ def write_manifest(engine_dir: Path, fields: dict) -> dict:
         **fields,
         "files": file_entries(engine_dir),
     }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json(Path(engine_dir) / MANIFEST, manifest)
     return manifest
 

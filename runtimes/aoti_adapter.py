@@ -30,7 +30,7 @@ class AotiPredictor(Predictor):
         signature = Signature.from_json(manifest["signature"])
         return cls(engine_dir / manifest.get("model_file", "model.pt2"), signature, device=device, **options)
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         tensors = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device) for t in self.signature.inputs]
         with torch.inference_mode():

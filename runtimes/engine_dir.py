@@ -23,6 +23,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest: a hand edit changes it."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(engine_dir: Path) -> dict:
     """The parsed manifest of `engine_dir`; EngineError if it is absent, unreadable or too new."""
     engine_dir = Path(engine_dir)
@@ -44,9 +50,11 @@ def read_manifest(engine_dir: Path) -> dict:
         raise EngineError(
             f"{path}: schema_version {version} is newer than this torchkiln reads ({SCHEMA_VERSION}); upgrade torchkiln"
         )
-    for field in ("backend", "target", "files", "signature"):
+    for field in ("backend", "target", "files", "signature", "manifest_sha256"):
         if field not in manifest:
             raise EngineError(f"{path}: field {field!r} is missing")
+    if manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise EngineError(f"{path}: edited after the engine was built (its manifest_sha256 does not match); refusing it")
     return manifest
 
 

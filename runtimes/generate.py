@@ -111,7 +111,8 @@ def stream(
     history, history_mask = ids, mask
     finished = np.zeros(batch, dtype=bool)
     for step in range(max_new_tokens):
-        outputs = predictor.predict(feeds)
+        # The prompt is checked once; later feeds are built here from the engine's own outputs.
+        outputs = predictor.predict(feeds) if step == 0 else predictor.forward(feeds)
         tokens = choose_next(
             outputs["logits"][:, -1, :], history, history_mask, rng, temperature, top_k, top_p, repetition_penalty
         )

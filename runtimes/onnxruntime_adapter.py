@@ -52,15 +52,33 @@ class OnnxRuntimePredictor(Predictor):
             raise EngineError(
                 f"{engine_dir}: engine target {manifest['target']!r} needs {providers[0]}; it cannot run with device='cpu'"
             )
+        model_path = engine_dir / manifest.get("model_file", "model.onnx")
+        _refuse_escaping_external_data(model_path, engine_dir)
         try:
-            return cls(engine_dir / manifest.get("model_file", "model.onnx"), providers=providers, **options)
+            return cls(model_path, providers=providers, **options)
         except EngineError as e:
             raise EngineError(f"{engine_dir}: engine target {manifest['target']!r}: {e}") from None
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self.session.run(self._output_names, dict(feeds))))
 
 
 def _spec(value) -> TensorSpec:
     shape = tuple(d if isinstance(d, (int, str)) else "?" for d in value.shape)
     return TensorSpec(value.name, _ORT_DTYPES.get(value.type, value.type), shape)
+
+
+def _refuse_escaping_external_data(model_path: Path, engine_dir: Path) -> None:
+    """ONNX Runtime opens external-data paths as written: refuse any that leave the engine directory."""
+    import onnx
+
+    root = engine_dir.resolve()
+    graph = onnx.load(model_path, load_external_data=False).graph
+    for tensor in graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not (model_path.parent / location).resolve().is_relative_to(root):
+            raise EngineError(
+                f"{model_path}: tensor {tensor.name!r} reads external data from {location!r}, outside the engine directory"
+            )

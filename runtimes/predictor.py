@@ -11,7 +11,7 @@ from runtimes.tokenizer import encode_prompts
 
 
 class Predictor:
-    """Base of every adapter: feeds are checked against `signature`, then handed to `_run`.
+    """Base of every adapter: `predict` checks feeds against `signature`, then hands them to `forward`.
 
     `predict`, `generate` and `stream` may be called from several threads at once: the adapters keep
     no per-call state on the instance. `close` must not race with them.
@@ -23,9 +23,10 @@ class Predictor:
     def predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass. `feeds` maps every input name to an array; returns every output by name."""
         self.signature.validate(feeds)
-        return self._run(feeds)
+        return self.forward(feeds)
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass without checks: for feeds built by torchkiln itself (the decode loop)."""
         raise NotImplementedError
 
     def generate(self, prompts, max_new_tokens: int = 32, **options) -> np.ndarray:

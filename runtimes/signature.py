@@ -68,6 +68,8 @@ class Signature:
                     f"input {spec.name!r}: expected rank {len(spec.shape)} {list(spec.shape)}, "
                     f"got rank {value.ndim} {list(value.shape)}"
                 )
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise FeedError(f"input {spec.name!r}: contains NaN or infinite values")
             for axis, (dim, size) in enumerate(zip(spec.shape, value.shape)):
                 if isinstance(dim, int):
                     if dim != size:

@@ -214,7 +214,7 @@ class TensorRTPredictor(Predictor):
         except EngineError as e:
             raise EngineError(f"{engine_dir}: engine target {manifest['target']!r}: {e}") from None
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         plan = plan_bindings(self._tensors, self.signature, {n: a.shape for n, a in feeds.items()})
         dtypes = {t.name: t.dtype for t in self._tensors}

@@ -14,13 +14,13 @@ from runtimes.signature import Signature
 
 
 class TorchPredictor(Predictor):
-    def __init__(self, forward: Callable, signature: Signature):
-        self.forward = forward
+    def __init__(self, function: Callable, signature: Signature):
+        self.function = function
         self.signature = signature
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch  # only this adapter needs torch
 
         with torch.inference_mode():
-            outputs = self.forward(*(torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in self.signature.inputs))
+            outputs = self.function(*(torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in self.signature.inputs))
         return {spec.name: out.numpy() for spec, out in zip(self.signature.outputs, outputs)}

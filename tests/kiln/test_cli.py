@@ -120,3 +120,16 @@ def test_help_documents_exit_codes():
     text = CliRunner().invoke(cli, ["--help"]).output
     for line in ("0  success", "2  user error", "3  verification failed", "1  internal error"):
         assert line in text
+
+
+def test_verify_passes_on_a_fresh_engine_and_names_a_tampered_file(engine_dir, tmp_path):
+    import shutil
+
+    fresh = CliRunner().invoke(cli, ["verify", str(engine_dir("tiny-gpt2")), "--json"])
+    assert fresh.exit_code == 0, fresh.output
+    assert json.loads(fresh.stdout)["verification"]["passed"] is True
+    copy = shutil.copytree(engine_dir("tiny-gpt2"), tmp_path / "engine")
+    with open(copy / "report.json", "a") as f:
+        f.write(" ")
+    tampered = CliRunner().invoke(cli, ["verify", str(copy)])
+    assert tampered.exit_code == 2 and "file 'report.json' does not match its sha256" in tampered.output

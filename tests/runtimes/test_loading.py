@@ -52,10 +52,49 @@ def test_newer_schema_is_refused(engine_copy):
         kiln.load(engine_copy)
 
 
+def _write_signed(engine, manifest):
+    """Write a changed manifest with a matching digest, as a tool that rebuilt it would."""
+    from runtimes.engine_dir import manifest_digest
+
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_hand_edited_manifest_is_refused(engine_copy):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["verification"]["passed"] = True
+    manifest["precision"] = "int4"
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="manifest.json: edited after the engine was built"):
+        kiln.load(engine_copy)
+
+
+def test_external_data_outside_the_engine_is_refused(engine_copy, tmp_path):
+    import onnx
+
+    from kiln.manifest import file_entries
+
+    model = onnx.load(engine_copy / "model.onnx")
+    onnx.save(model, engine_copy / "model.onnx", save_as_external_data=True, location="weights.data")
+    (engine_copy / "weights.data").rename(tmp_path / "outside.data")
+    model = onnx.load(engine_copy / "model.onnx", load_external_data=False)
+    for tensor in model.graph.initializer:  # what a crafted engine would hold; onnx.save itself refuses it
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save(model, engine_copy / "model.onnx")
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["files"] = file_entries(engine_copy)
+    _write_signed(engine_copy, manifest)
+    assert (tmp_path / "outside.data").exists()
+    with pytest.raises(EngineError, match="reads external data from '../outside.data', outside the engine directory"):
+        kiln.load(engine_copy)
+
+
 def test_engine_for_a_missing_provider_is_refused(engine_copy):
     manifest = json.loads((engine_copy / "manifest.json").read_text())
     manifest.update(target="cuda", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    _write_signed(engine_copy, manifest)
     with pytest.raises(EngineError, match="engine target 'cuda' needs CUDAExecutionProvider"):
         kiln.load(engine_copy)
 

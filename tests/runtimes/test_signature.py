@@ -37,8 +37,10 @@ def test_valid_feeds_pass():
         ({"attention_mask": np.ones((2, 9), np.int64)}, r"input 'attention_mask': axis 0 \(batch\) is 2, but 'input_ids' has batch = 3"),
         ({"past_key_values.0.key": np.zeros((3, 4, 5, 16), np.float32)}, "input 'past_key_values.0.key': axis 1 must be 2, got 4"),
         ({"input_ids": [[1, 2]]}, "input 'input_ids': expected a numpy array, got list"),
+        ({"past_key_values.0.key": np.full((3, 2, 5, 16), np.nan, np.float32)},
+         "input 'past_key_values.0.key': contains NaN or infinite values"),
     ],
-    ids=["missing", "extra", "float-ids", "rank-3", "batch-mismatch", "fixed-dim", "not-array"],
+    ids=["missing", "extra", "float-ids", "rank-3", "batch-mismatch", "fixed-dim", "not-array", "nan"],
 )
 def test_wrong_feeds_name_the_input(changes, message):
     with pytest.raises(FeedError, match=message):
