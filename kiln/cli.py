@@ -5,6 +5,7 @@ import json
 import signal
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -290,3 +291,111 @@ def _device_of(manifest: dict) -> str:
 
     target = TARGETS.get(manifest["target"])
     return target.device if target else "cpu"
+
+
+@cli.command()
+@click.argument("engine_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--reference", is_flag=True, help="Also measure the first engine's source model in PyTorch eager (the baseline).")
+@click.option("--prompt-lengths", default="32,128,512", show_default=True, help="Prefill lengths, batch 1.")
+@click.option("--batches", default="1,8", show_default=True, help="Decode batch sizes.")
+@click.option("--new-tokens", default=32, show_default=True, type=int, help="Tokens generated per decode run.")
+@click.option("--rounds", default=3, show_default=True, type=int, help="Measured rounds, after one warm-up round.")
+@click.option("--threads", default=2, show_default=True, type=int, help="Threads per engine.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: decode tok/s with the bandwidth floor, prefill latency.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+def bench(ctx, engine_dirs, reference, prompt_lengths, batches, new_tokens, rounds, threads, plot_path, as_json):
+    """Measure engines side by side, interleaved in one process: prefill latency, first token, decode tok/s."""
+    from rich.console import Console
+
+    from kiln.bench import BenchConfig, plot, run_bench
+
+    _json_mode(ctx, as_json)
+    config = BenchConfig(_int_list(prompt_lengths, "--prompt-lengths"), _int_list(batches, "--batches"),
+                         new_tokens, rounds=rounds, threads=threads)
+    candidates = [_bench_candidate(path, threads) for path in engine_dirs]
+    if reference:
+        candidates.insert(0, _reference_candidate(engine_dirs[0], threads))
+    vocab = min(c.vocab for c in candidates)
+    console = Console(stderr=True)
+    with console.status("benchmarking…") as status:
+        report = run_bench([c.candidate for c in candidates], config, vocab, on_progress=status.update)
+    if plot_path:
+        plot(report, plot_path)
+        report["plot"] = str(plot_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['date']}, {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+               f"{report['machine']['memory_gib']} GiB; {threads} threads, {rounds} rounds interleaved, medians; "
+               f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s")
+    lengths = [str(n) for n in config.prompt_lengths]
+    header = ["engine", "MB"] + [f"prefill {n} ms" for n in lengths] + ["1st token ms"] + \
+        [f"decode b{b} tok/s" for b in config.batches] + ["floor b1", "vs first (decode b1)"]
+    click.echo("| " + " | ".join(header) + " |")
+    click.echo("|" + " --- |" * len(header))
+    for entry in report["engines"]:
+        cells = [entry["label"], f"{entry['size_bytes'] / 1e6:.1f}"]
+        cells += [f"{entry['prefill_ms'][n]['median']:.1f}" if n in entry["prefill_ms"] else "-" for n in lengths]
+        cells += [f"{entry['first_token_ms']['median']:.1f}"]
+        cells += [f"{entry['decode_tok_s'][str(b)]['median']:.1f}" for b in config.batches]
+        cells += [f"{entry['floor_tok_s']:.0f}" if entry["floor_tok_s"] else "-",
+                  f"{entry['vs_first'].get('decode_b1', float('nan')):.2f}x"]
+        click.echo("| " + " | ".join(cells) + " |")
+    if plot_path:
+        click.echo(f"plot: {plot_path}")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    from kiln.errors import KilnError
+
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise KilnError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise KilnError(f"{option}: expected positive integers, got {text!r}")
+    return values
+
+
+@dataclass
+class _Entry:
+    candidate: object
+    vocab: int
+
+
+def _bench_candidate(engine_dir: Path, threads: int) -> _Entry:
+    import runtimes
+    from kiln.bench import Candidate, bytes_read_per_token
+    from runtimes.engine_dir import read_manifest
+
+    manifest = read_manifest(engine_dir)
+    options = {"threads": threads, "allow_spinning": False} if manifest["backend"] == "onnxruntime" else {}
+    if manifest["backend"] == "aoti":
+        import torch
+
+        torch.set_num_threads(threads)
+    predictor = runtimes.load(engine_dir, device=_device_of(manifest), **options)
+    model = engine_dir / manifest["model_file"]
+    weights = bytes_read_per_token(model) if model.suffix == ".onnx" else model.stat().st_size
+    config = manifest["source"]["config"]
+    label = f"{engine_dir.name} ({manifest['target']}/{manifest['precision']})"
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    return _Entry(Candidate(label, predictor, str(engine_dir), size, weights, _max_positions(config)), config["vocab_size"])
+
+
+def _reference_candidate(engine_dir: Path, threads: int) -> _Entry:
+    import torch
+
+    from kiln.bench import Candidate
+    from kiln.reference import load_reference
+    from runtimes.engine_dir import read_manifest
+
+    torch.set_num_threads(threads)
+    config = read_manifest(engine_dir)["source"]["config"]
+    return _Entry(Candidate("pytorch eager", load_reference(engine_dir), None, 0, 0, _max_positions(config)),
+                  config["vocab_size"])
+
+
+def _max_positions(config: dict) -> int | None:
+    return config.get("n_positions") or config.get("max_position_embeddings")

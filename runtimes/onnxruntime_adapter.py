@@ -29,6 +29,7 @@ class OnnxRuntimePredictor(Predictor):
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
         optimization_level: str = "all",
+        allow_spinning: bool = True,
     ):
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
@@ -39,6 +40,8 @@ class OnnxRuntimePredictor(Predictor):
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization_level]
         if threads:
             options.intra_op_num_threads = threads
+        if not allow_spinning:  # idle pools then sleep instead of stealing cores from other work
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
         self.signature = Signature(
             tuple(_spec(v) for v in self.session.get_inputs()), tuple(_spec(v) for v in self.session.get_outputs())

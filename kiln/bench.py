@@ -1,0 +1,207 @@
+"""`kiln bench`: engines measured side by side in one process, interleaved, medians and spread.
+
+Each round runs every engine once (A B C A B C ...), after a warm-up round, so drifts of a noisy
+machine fall on all engines alike.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompt_lengths: tuple[int, ...] = (32, 128, 512)
+    batches: tuple[int, ...] = (1, 8)
+    new_tokens: int = 32
+    decode_prompt: int = 32
+    rounds: int = 3
+    threads: int = 2
+
+
+@dataclass
+class Candidate:
+    """One thing to measure: a Predictor, and what the report says about it."""
+
+    label: str
+    predictor: object
+    engine_dir: str | None
+    size_bytes: int  # engine files on disk
+    weight_bytes: int  # bytes a decode step reads: the weights, less gather-only tables
+    max_positions: int | None  # prompts longer than this are skipped
+
+
+def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> float:
+    """Bytes per second a sum over a large fp32 tensor reads with `threads` threads (median)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    data = torch.ones(megabytes * 1024 * 1024 // 4)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(previous)
+    return data.numel() * 4 / statistics.median(times)
+
+
+def bytes_read_per_token(onnx_path: Path) -> int:
+    """Initializer bytes a decode step reads: every weight except tables only gathered from (embeddings)."""
+    import onnx_ir as ir
+
+    total = 0
+    for value in ir.load(str(onnx_path)).graph.initializers.values():
+        users = {use.node.op_type for use in value.uses()}
+        if value.const_value is not None and users and users != {"Gather"}:
+            total += value.const_value.nbytes
+    return total
+
+
+def prefill_seconds(predictor, length: int, rng: np.random.Generator, vocab: int) -> float:
+    """One forward pass over `length` new tokens at batch 1 with an empty cache."""
+    from runtimes.generate import _empty_cache
+
+    ids = rng.integers(0, vocab, size=(1, length))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(length)[None],
+             **_empty_cache(predictor, 1)}
+    start = time.perf_counter()
+    predictor.predict(feeds)
+    return time.perf_counter() - start
+
+
+def generation_figures(predictor, batch: int, prompt: int, new_tokens: int, rng: np.random.Generator, vocab: int):
+    """(first-token seconds, decode tokens/s over all rows) of one greedy generation with no EOS."""
+    prompts = rng.integers(0, vocab, size=(batch, prompt))
+    stamps = [time.perf_counter()]
+    predictor.generate(prompts, new_tokens, on_token=lambda _: stamps.append(time.perf_counter()))
+    first = stamps[1] - stamps[0]
+    return first, batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])
+
+
+def run_bench(candidates: list[Candidate], config: BenchConfig, vocab: int,
+              on_progress: Callable[[str], None] | None = None) -> dict:
+    """Measure every candidate; the first is the baseline of the ratios."""
+    rng = np.random.default_rng(0)
+    samples = {c.label: {"prefill": {}, "first_token": [], "decode": {}} for c in candidates}
+    for round_index in range(config.rounds + 1):  # round 0 warms up and is discarded
+        for candidate in candidates:
+            if on_progress:
+                on_progress(f"round {round_index}/{config.rounds}: {candidate.label}")
+            figures = samples[candidate.label]
+            for length in config.prompt_lengths:
+                if candidate.max_positions and length > candidate.max_positions:
+                    continue
+                seconds = prefill_seconds(candidate.predictor, length, rng, vocab)
+                if round_index:
+                    figures["prefill"].setdefault(length, []).append(seconds)
+            for batch in config.batches:
+                first, rate = generation_figures(candidate.predictor, batch, config.decode_prompt, config.new_tokens, rng, vocab)
+                if round_index:
+                    figures["decode"].setdefault(batch, []).append(rate)
+                    if batch == 1:
+                        figures["first_token"].append(first)
+    bandwidth = read_bandwidth(config.threads)
+    results = []
+    for candidate in candidates:
+        figures = samples[candidate.label]
+        results.append({
+            "label": candidate.label,
+            "engine_dir": candidate.engine_dir,
+            "size_bytes": candidate.size_bytes,
+            "weight_bytes": candidate.weight_bytes,
+            "floor_tok_s": bandwidth / candidate.weight_bytes if candidate.weight_bytes else None,
+            "prefill_ms": {str(k): _spread(v, 1e3) for k, v in figures["prefill"].items()},
+            "first_token_ms": _spread(figures["first_token"], 1e3),
+            "decode_tok_s": {str(k): _spread(v) for k, v in figures["decode"].items()},
+        })
+    _add_ratios(results)
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "memory_gib": _memory_gib(), "python": platform.python_version()},
+        "config": asdict(config),
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "engines": results,
+    }
+
+
+def _spread(values: list[float], scale: float = 1.0) -> dict:
+    return {"median": statistics.median(values) * scale, "min": min(values) * scale, "max": max(values) * scale,
+            "runs": len(values)}
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """Speed-ups against the first entry: > 1 means faster than it."""
+    base = results[0]
+    for entry in results:
+        entry["vs_first"] = {
+            **{f"decode_b{b}": entry["decode_tok_s"][b]["median"] / base["decode_tok_s"][b]["median"]
+               for b in entry["decode_tok_s"] if b in base["decode_tok_s"]},
+            **{f"prefill_{n}": base["prefill_ms"][n]["median"] / entry["prefill_ms"][n]["median"]
+               for n in entry["prefill_ms"] if n in base["prefill_ms"]},
+            "first_token": base["first_token_ms"]["median"] / entry["first_token_ms"]["median"],
+        }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float:
+    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Decode tok/s per engine and batch, each engine's bandwidth floor as a line; prefill latency per prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = report["engines"]
+    labels = [e["label"] for e in engines]
+    fig, (decode_ax, prefill_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    batches = list(engines[0]["decode_tok_s"])
+    width = 0.8 / max(len(batches), 1)
+    for i, batch in enumerate(batches):
+        rates = [e["decode_tok_s"].get(batch, {}).get("median", 0) for e in engines]
+        decode_ax.bar(np.arange(len(engines)) + i * width, rates, width, label=f"batch {batch}")
+    floors = [(x, e["floor_tok_s"]) for x, e in enumerate(engines) if e["floor_tok_s"]]
+    for i, (x, floor) in enumerate(floors):
+        decode_ax.hlines(floor, x - width / 2, x + width * (len(batches) - 0.5), colors="black", linestyles="--",
+                         label="bandwidth floor, batch 1" if i == 0 else None)
+    decode_ax.set_xticks(np.arange(len(engines)) + width * (len(batches) - 1) / 2, labels, rotation=15)
+    decode_ax.set_ylabel("decode tokens/s (median)")
+    decode_ax.set_title(f"Decode ({report['read_bandwidth_gb_s']:.0f} GB/s read bandwidth)")
+    decode_ax.legend()
+    lengths = sorted({n for e in engines for n in e["prefill_ms"]}, key=int)
+    width = 0.8 / max(len(lengths), 1)
+    for i, length in enumerate(lengths):
+        latency = [e["prefill_ms"].get(length, {}).get("median", 0) for e in engines]
+        prefill_ax.bar(np.arange(len(engines)) + i * width, latency, width, label=f"prompt {length}")
+    prefill_ax.set_xticks(np.arange(len(engines)) + width * (len(lengths) - 1) / 2, labels, rotation=15)
+    prefill_ax.set_ylabel("prefill latency ms, batch 1 (median)")
+    prefill_ax.set_title("Prefill")
+    prefill_ax.legend()
+    fig.suptitle(f"kiln bench, {report['machine']['cores']} cores, {report['config']['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
