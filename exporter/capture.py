@@ -10,7 +10,6 @@ import contextlib
 import io
 import logging
 import re
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from kiln.errors import EXIT_INTERNAL, USER_ERRORS, VerificationFailed, exit_code_of
+from kiln.errors import EXIT_INTERNAL, VerificationFailed, exit_code_of
 
 EXIT_CODES_HELP = """\b
 Exit codes:

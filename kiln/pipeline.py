@@ -6,6 +6,7 @@ passed: a failed or interrupted convert leaves nothing at the output path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -24,6 +25,8 @@ from kiln.verify import VerificationInputs, compare
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "tokenizer.model", "generation_config.json")
 _TEMP_MARK = ".kiln-tmp-"
+# Write failures that are the machine's state, not a bug: a full disk, a quota, a read-only or forbidden folder.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # Called with (step name, None) when a step starts and (step name, seconds) when it ends.
 StepCallback = Callable[[str, "float | None"], None]
@@ -127,6 +130,10 @@ def convert(
         write_json(workdir / "report.json", {"verification": report})
         manifest = write_manifest(workdir, dict(fields, steps=steps, verification=report))
         _move_into_place(workdir, output)
+    except OSError as error:
+        if error.errno not in _WRITE_ERRNOS:
+            raise
+        raise KilnError(f"{output}: cannot write the engine ({error.strerror}); nothing was left there") from error
     finally:
         # Also on KeyboardInterrupt and SystemExit (SIGINT, SIGTERM): never leave a half-built engine.
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,10 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -62,27 +58,6 @@ def test_json_error_document():
 def test_debug_shows_the_traceback():
     done = run_kiln("--debug", "convert", "tiny-unknown")
     assert "Traceback" in done.stderr and "ModelSourceError" in done.stderr
-
-
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_convert_leaves_nothing(tmp_path, sig):
-    out = tmp_path / "engine"
-    process = subprocess.Popen([*KILN, "convert", "tiny-gpt2", "-o", str(out)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".engine.kiln-tmp-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # well into load / export
-    process.send_signal(sig)
-    process.wait(timeout=60)
-    assert process.returncode != 0
-    assert not out.exists()
-    if sig == signal.SIGINT:  # cleaned up on the way out
-        assert list(tmp_path.iterdir()) == []
-    else:  # cleaned up by the next convert to the same path
-        from kiln.pipeline import remove_stale_temporaries
-
-        remove_stale_temporaries(out)
-        assert list(tmp_path.iterdir()) == []
 
 
 def test_convert_from_saved_folder(tmp_path):
