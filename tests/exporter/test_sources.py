@@ -65,12 +65,14 @@ def _break_config(folder, edit):
          "model_type 't5' is not a supported family"),
         (lambda tmp, folder: _break_config(folder, lambda c: c.update(n_embd=96)) or str(folder),
          "cannot load the weights"),
+        (lambda tmp, folder: _break_config(folder, lambda c: c.pop("n_layer")) or str(folder),
+         "the weights do not match config.json"),
         (lambda tmp, folder: [p.unlink() for p in folder.glob("*.safetensors")] and str(folder), "no weights"),
         (lambda tmp, folder: "tests.factories:not_a_model", "the factory returned dict"),
         (lambda tmp, folder: "no_such_package.mod:factory", "cannot import module 'no_such_package.mod'"),
     ],
     ids=["missing-dir", "unknown-preset", "no-config", "broken-json", "no-model-type", "unknown-family",
-         "weights-mismatch", "no-weights", "factory-not-a-model", "factory-missing-module"],
+         "weights-mismatch", "missing-config-field", "no-weights", "factory-not-a-model", "factory-missing-module"],
 )
 def test_bad_sources_name_the_problem(make_spec, message, saved_folder, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")

@@ -78,6 +78,8 @@ def test_left_pad():
     [
         ([[]], {}, "every prompt needs at least one token"),
         ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0"),
+        ([[1, 2]], {"max_new_tokens": -3}, "max_new_tokens must be at least 1, got -3"),
+        ([], {}, "every prompt needs at least one token"),
         ([[1, 5000]], {}, r"token id 5000 is outside the vocabulary \[0, 1024\)"),
     ],
 )
