@@ -13,6 +13,7 @@ class Preset:
     config: dict = field(default_factory=dict)
     description: str = ""
     seed: int = 0
+    trained: bool = False  # weights trained in-process on a synthetic corpus (exporter/trained.py), cached
 
 
 _TINY = dict(vocab_size=1024, bos_token_id=1, eos_token_id=2)
@@ -35,6 +36,12 @@ PRESETS = {
         dict(_TINY, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
              intermediate_size=128, max_position_embeddings=256),
         "LLaMA (rotary, RMSNorm, GQA 4 query / 2 KV heads), 2 layers, hidden 64",
+    ),
+    "tiny-trained": Preset(
+        "gpt2",
+        dict(vocab_size=128, bos_token_id=1, eos_token_id=2, n_layer=2, n_head=4, n_embd=128, n_positions=128),
+        "GPT-2, 2 layers, hidden 128, trained on arithmetic sequences: confident logits for fidelity checks",
+        trained=True,
     ),
     "gpt2": Preset(
         "gpt2",

@@ -59,6 +59,10 @@ def _load_preset(name: str) -> LoadedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
         module = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if preset.trained:
+        from exporter.trained import load_trained_weights
+
+        load_trained_weights(module, name, preset.config, preset.seed)
     return _loaded(module, name, "preset", state_dict_sha256(module))
 
 

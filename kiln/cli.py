@@ -69,9 +69,11 @@ def _json_mode(ctx: click.Context, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-verify", "skip_verify", is_flag=True, help="Skip verification against PyTorch (recorded in the manifest).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
+@click.option("--passes", help="Comma-separated optimization passes instead of the recipe; `--passes list` shows the recipe.")
+@click.option("--profile", help="TensorRT shape ranges, e.g. batch=1:1:8,sequence=1:1:512,past=0:512:1536.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remote_code, as_json):
+def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remote_code, passes, profile, as_json):
     """Convert SPEC into a verified engine directory.
 
     SPEC is a preset name (see `kiln presets`), a local Hugging Face model folder, or
@@ -81,10 +83,14 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
     from kiln.progress import StepPrinter
 
     _json_mode(ctx, as_json)
+    if passes == "list":
+        _print_recipe(target, precision, as_json)
+        return
     with StepPrinter() as printer:
         result = run_convert(
             spec, target, precision, output, force=force, verify=not skip_verify,
-            trust_remote_code=trust_remote_code, on_step=printer.on_step,
+            trust_remote_code=trust_remote_code, passes=passes.split(",") if passes else None, profile=profile,
+            on_step=printer.on_step,
         )
     manifest = result.manifest
     if as_json:
@@ -103,6 +109,21 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
         )
 
 
+def _print_recipe(target: str, precision: str, as_json: bool) -> None:
+    """The passes convert would run for (target, precision), one per line with what it does."""
+    from kiln.targets import target_named
+    from optimizers import recipe_for
+    from optimizers.passes import PASSES
+
+    spec = target_named(target, precision)
+    names = recipe_for(spec.recipe, precision) if spec.recipe else ["cleanup"]
+    if as_json:
+        click.echo(json.dumps({"target": target, "precision": precision, "passes": names}))
+        return
+    for name in names:
+        click.echo(f"{name:<24} {PASSES[name].description}")
+
+
 def _summary(manifest: dict) -> dict:
     return {
         "target": manifest["target"],
@@ -110,6 +131,7 @@ def _summary(manifest: dict) -> dict:
         "backend": manifest["backend"],
         "source": {k: manifest["source"][k] for k in ("spec", "kind", "family", "weights_sha256")},
         "steps": manifest["steps"],
+        "passes": manifest.get("passes", []),
         "verification": manifest["verification"],
         "files": manifest["files"],
     }
@@ -147,6 +169,11 @@ def inspect(ctx, engine_dir, as_json):
         logits = verification["logits"]
         click.echo(f"verified    {'passed' if verification['passed'] else 'FAILED'}; logits max abs {logits['max_abs']:.2e}, "
                    f"top-1 {logits['top1_agreement']:.2%}, KL {logits['kl_mean']:.2e}")
+    for report in manifest.get("passes", []):
+        changes = {**report["fused"], **report["quantized"]}
+        click.echo(f"pass        {report['name']} {report['seconds']:.1f}s: "
+                   + (", ".join(f"{op} {n}" for op, n in changes.items()) or ("changed" if report["changed"] else "no change"))
+                   + f"; weights {report['bytes_before'] / 1e6:.2f} -> {report['bytes_after'] / 1e6:.2f} MB")
     click.echo("ops         " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
     for name, entry in manifest["files"].items():
         click.echo(f"file        {name}  {entry['bytes']:,} bytes  sha256 {entry['sha256'][:16]}…")

@@ -1,5 +1,6 @@
 """User-facing errors of the spine and the exit codes the CLI maps them to."""
 from exporter.errors import ExportError, ModelSourceError
+from optimizers.errors import PassFailed, RecipeError
 from runtimes.errors import EngineError, FeedError
 
 EXIT_OK = 0
@@ -25,7 +26,7 @@ class VerificationFailed(KilnError):
 
 
 # Errors the lower packages raise for bad input: also user errors (exit 2), never tracebacks.
-USER_ERRORS = (KilnError, ModelSourceError, ExportError, EngineError, FeedError)
+USER_ERRORS = (KilnError, ModelSourceError, ExportError, RecipeError, PassFailed, EngineError, FeedError)
 
 
 def exit_code_of(error: BaseException) -> int:

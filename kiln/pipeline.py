@@ -54,9 +54,14 @@ def convert(
     verify: bool = True,
     trust_remote_code: bool = False,
     external_data_threshold: int | None = None,
+    passes: list[str] | None = None,
+    profile: str | None = None,
     on_step: StepCallback | None = None,
 ) -> ConvertResult:
     """Build a verified engine directory for `spec` and return its path and manifest.
+
+    `passes` overrides the optimization recipe of (target, precision); `profile` is the TensorRT
+    shape ranges, `batch=1:1:8,sequence=1:1:512,past=0:512:1536`.
 
     Raises VerificationFailed (exit 3) when the engine differs from PyTorch beyond the tolerance of
     `precision`, and other KilnErrors (exit 2) for bad input.
@@ -92,6 +97,14 @@ def convert(
         with step("export"):
             graph = _capture(loaded, workdir, target_spec, external_data_threshold)
             tokenizer = _copy_tokenizer(loaded.tokenizer_dir, workdir)
+        pass_reports = []
+        if graph.path.suffix == ".onnx":
+            with step("optimize"):
+                pass_reports = _optimize(graph.path, loaded, target_spec, precision, passes)
+        engine_fields = {}
+        if target_spec.backend == "tensorrt":
+            with step("build"):
+                engine_fields = _build_tensorrt(graph.path, workdir, loaded, precision, profile)
         fields = {
             "source": {
                 "spec": spec,
@@ -105,13 +118,15 @@ def convert(
             "backend": target_spec.backend,
             "providers": list(target_spec.providers),
             "model_file": graph.path.name,
-            "external_data": graph.external_data,
+            "external_data": graph.path.with_name(graph.path.name + ".data").exists(),
             "opset": graph.opset,
             "tokenizer": tokenizer,
+            "passes": [r.to_json() for r in pass_reports],
         }
         from exporter.capture import contract_signature
 
         fields["signature"] = contract_signature(loaded.facts)
+        fields.update(engine_fields)
         write_manifest(workdir, dict(fields, steps=steps, verification={"skipped": True}))
         import runtimes
 
@@ -124,9 +139,13 @@ def convert(
             else:
                 report = {"skipped": True, "passed": None}
         if report.get("passed") is False:
-            raise VerificationFailed(
-                f"verification failed for {spec} ({target}, {precision}): " + "; ".join(report["failures"]), report
-            )
+            message = f"verification failed for {spec} ({target}, {precision}): " + "; ".join(report["failures"])
+            if pass_reports and target_spec.backend == "onnxruntime":
+                report["error_by_pass"] = _error_by_pass(loaded, workdir / "blame", target_spec, precision,
+                                                         [r.name for r in pass_reports], engine.signature)
+                worst = max(report["error_by_pass"], key=lambda e: e["growth"])
+                message += f"; the error grew most in pass {worst['after']!r} (x{worst['growth']:.3g})"
+            raise VerificationFailed(message, report)
         write_json(workdir / "report.json", {"verification": report})
         manifest = write_manifest(workdir, dict(fields, steps=steps, verification=report))
         _move_into_place(workdir, output)
@@ -149,6 +168,61 @@ def _capture(loaded, workdir: Path, target: Target, external_data_threshold: int
 
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     return capture(loaded, workdir, external_data_threshold=threshold)
+
+
+def _optimize(model_path: Path, loaded, target: Target, precision: str, passes: list[str] | None) -> list:
+    """Run the recipe of (target, precision), or `passes`, over model.onnx in place; returns the reports."""
+    from optimizers import PassContext, run_recipe
+
+    if passes is None:
+        passes = None if target.recipe else ["cleanup"]
+    context = PassContext(target=target.recipe or target.name, precision=precision, facts=loaded.facts,
+                          family=loaded.family.name)
+    _, reports = run_recipe(model_path, context, passes=passes, output=model_path)
+    return reports
+
+
+def _error_by_pass(loaded, scratch: Path, target: Target, precision: str, passes: list[str], signature) -> list[dict]:
+    """Export again and verify the model after each pass, to say which pass made the error grow."""
+    from exporter.capture import capture
+    from optimizers import PassContext, run_recipe, save
+    from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
+
+    scratch.mkdir()
+    reference = reference_predictor(loaded, signature)
+    graph = capture(loaded, scratch)
+    figures = [{"after": "export", **_logits_error(OnnxRuntimePredictor(graph.path, target.providers), reference,
+                                                   loaded, precision)}]
+
+    def measure(report, model) -> None:
+        path = scratch / f"after-{report.name}.onnx"
+        save(model, path)
+        figures.append({"after": report.name, **_logits_error(OnnxRuntimePredictor(path, target.providers), reference,
+                                                              loaded, precision)})
+
+    context = PassContext(target=target.recipe or target.name, precision=precision, facts=loaded.facts,
+                          family=loaded.family.name)
+    run_recipe(graph.path, context, passes=passes, after_pass=measure)
+    for before, after in zip(figures, figures[1:]):
+        after["growth"] = after["max_abs"] / max(before["max_abs"], 1e-12)
+    figures[0]["growth"] = 1.0
+    return figures
+
+
+def _logits_error(engine, reference, loaded, precision: str) -> dict:
+    logits = compare(engine, reference, loaded.facts.vocab_size, precision, VerificationInputs())["logits"]
+    return {k: logits[k] for k in ("max_abs", "relative", "top1_agreement", "kl_mean")}
+
+
+def _build_tensorrt(onnx_path: Path, workdir: Path, loaded, precision: str, profile: str | None) -> dict:
+    """engine.plan from the optimized ONNX; the ONNX files are then dropped: the plan is the engine."""
+    from kiln.tensorrt_build import build_engine_files
+
+    max_positions = getattr(loaded.config, "max_position_embeddings", None) or getattr(loaded.config, "n_positions", None)
+    fields = build_engine_files(onnx_path, workdir, precision, profile=profile, max_positions=max_positions)
+    for path in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+        path.unlink(missing_ok=True)
+    return fields
 
 
 def _refuse_existing(output: Path, force: bool) -> None:

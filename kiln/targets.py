@@ -14,12 +14,19 @@ class Target:
     providers: tuple[str, ...]  # ONNX Runtime execution providers, in priority order
     precisions: tuple[str, ...]  # those implemented so far; the first is the default
     description: str
+    recipe: str | None = None  # which optimizers.RECIPES row applies; None: cleanup only (the engine fuses itself)
 
 
 TARGETS = {
     t.name: t
     for t in (
-        Target("cpu", "onnxruntime", "cpu", ("CPUExecutionProvider",), ("fp32",), "ONNX Runtime on the CPU"),
+        Target("cpu", "onnxruntime", "cpu", ("CPUExecutionProvider",), ("fp32", "int8", "int8-static", "int4"),
+               "ONNX Runtime on the CPU", recipe="cpu"),
+        Target("cuda", "onnxruntime", "cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"),
+               ("fp16", "fp32", "int8", "int4"), "ONNX Runtime's CUDA provider on an NVIDIA GPU", recipe="cuda"),
+        Target("rocm", "onnxruntime", "cuda", ("MIGraphXExecutionProvider", "CPUExecutionProvider"), ("fp16", "fp32"),
+               "ONNX Runtime's MIGraphX provider on an AMD GPU", recipe="cuda"),
+        Target("tensorrt", "tensorrt", "cuda", (), ("fp16", "fp32", "bf16"), "TensorRT plan (engine.plan) on an NVIDIA GPU"),
         Target("aoti-cpu", "aoti", "cpu", (), ("fp32",), "AOTInductor package (model.pt2) on the CPU"),
         Target("aoti-cuda", "aoti", "cuda", (), ("fp32",), "AOTInductor package on an NVIDIA GPU"),
         Target("aoti-rocm", "aoti", "cuda", (), ("fp32",), "AOTInductor package on an AMD GPU (ROCm build of torch)"),
@@ -47,6 +54,11 @@ def missing_on_host(target: Target) -> str | None:
         absent = [p for p in target.providers if p not in available]
         if absent:
             return f"ONNX Runtime here lacks {', '.join(absent)} (available: {', '.join(available)})"
+    if target.backend == "tensorrt":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorrt") is None:
+            return "needs TensorRT (the `tensorrt` Python package) and an NVIDIA GPU"
     if target.device == "cuda":
         import torch
 

@@ -21,7 +21,8 @@ def test_every_family_converts_and_verifies(engine_dir, preset):
     assert logits["positions"] == 2 * (6 + 3)  # batch 2: a prefill of 6 then 3 decode steps
     assert set(verification["outputs"]) == {"logits"} | {f"present.{i}.{k}" for i in range(2) for k in ("key", "value")}
     assert manifest["source"]["spec"] == preset and manifest["target"] == "cpu" and manifest["precision"] == "fp32"
-    assert [s["name"] for s in manifest["steps"]] == ["load", "export", "verify"]
+    assert [s["name"] for s in manifest["steps"]] == ["load", "export", "optimize", "verify"]
+    assert [p["name"] for p in manifest["passes"]] == ["cleanup", "fusion"]
     signature = {t["name"]: t["shape"] for t in manifest["signature"]["inputs"]}
     assert signature["input_ids"] == ["batch", "sequence"]
 
@@ -54,7 +55,7 @@ def test_force_replaces_and_leaves_no_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
     assert not (out / "stale.txt").exists()
     assert result.manifest["verification"] == {"skipped": True, "passed": None}
-    assert [s["name"] for s in result.manifest["steps"]] == ["load", "export"]
+    assert [s["name"] for s in result.manifest["steps"]] == ["load", "export", "optimize"]
 
 
 def test_failed_verification_names_the_figure_and_writes_nothing(tmp_path, monkeypatch):
@@ -83,3 +84,15 @@ def test_near_ties_are_counted_not_held_against_the_engine():
     assert figures["top1_agreement"] == 1.0 and figures["top1_agreement_all"] == 0.5
     flipped = logits_fidelity(np.array([[0.0, 5.0, 0.0]]), np.array([[3.0, 0.0, 0.0]]))
     assert flipped["decisive_positions"] == 0  # error 5 exceeds the margin 3: not decisive either
+
+
+def test_a_failed_gate_names_the_pass_that_made_the_error_grow(tmp_path, monkeypatch):
+    from kiln import verify
+
+    monkeypatch.setitem(verify.TOLERANCES, "int8", verify.Tolerance(relative=1e-3, top1=0.98))
+    with pytest.raises(VerificationFailed, match="the error grew most in pass 'int8_dynamic'") as info:
+        kiln.convert("tests.factories:tiny_gpt2", precision="int8", output=tmp_path / "engine")
+    by_pass = info.value.report["error_by_pass"]
+    assert [e["after"] for e in by_pass] == ["export", "cleanup", "fold_weight_transposes", "fusion", "int8_dynamic"]
+    assert by_pass[-1]["max_abs"] > 100 * by_pass[-2]["max_abs"]
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,68 @@
+"""Graph cleanup before fusion and quantization: constant folding, dead code, shape simplification."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from optimizers.recipe import PassContext
+
+
+def cleanup(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
+    """onnxscript's optimizer (constant folding, dead-code and identity elimination, inlining), then
+    its shape-expression simplification rules, then the optimizer again on what they exposed."""
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter.ort_fusions import shape_optimization
+
+    before = sum(1 for _ in model.graph.all_nodes())
+    optimize(model)
+    simplified = shape_optimization.rules.apply_to_model(model)
+    optimize(model)
+    after = sum(1 for _ in model.graph.all_nodes())
+    return model, {"nodes_removed": before - after, "shape_rewrites": simplified}
+
+
+def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
+    """Store transposed weights as initializers: MatMul(x, Transpose(W)) -> MatMul(x, W'), Gemm transB=1 -> 0.
+
+    The quantizers only take MatMuls whose weight is a constant initializer, and constant folding leaves
+    large transposes alone (size limit). A tied LM head keeps its embedding too: the head gets its own copy.
+    """
+    folded = 0
+    transposed: dict[str, ir.Value] = {}
+
+    def transposed_initializer(weight: ir.Value) -> ir.Value:
+        if weight.name not in transposed:
+            array = np.ascontiguousarray(weight.const_value.numpy().T)
+            value = ir.Value(name=f"{weight.name}.transposed", shape=ir.Shape(array.shape), type=ir.TensorType(weight.dtype))
+            value.const_value = ir.tensor(array, name=value.name)
+            model.graph.register_initializer(value)
+            transposed[weight.name] = value
+        return transposed[weight.name]
+
+    for node in list(model.graph.all_nodes()):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1 and _is_2d_initializer(weight):
+            node.replace_input_with(1, transposed_initializer(weight))
+            node.attributes["transB"] = ir.AttrInt64("transB", 0)
+            folded += 1
+            continue
+        producer = weight.producer() if weight is not None else None
+        if (
+            producer is not None and producer.op_type == "Transpose"
+            and list(producer.attributes.get_ints("perm", [1, 0])) == [1, 0]
+            and _is_2d_initializer(producer.inputs[0])
+        ):
+            node.replace_input_with(1, transposed_initializer(producer.inputs[0]))
+            folded += 1
+    if folded:
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return model, {"weights_folded": folded}
+
+
+def _is_2d_initializer(value: ir.Value | None) -> bool:
+    return (
+        value is not None and value.is_initializer() and value.const_value is not None
+        and len(value.const_value.shape) == 2
+    )

@@ -1,0 +1,108 @@
+"""Precision passes on the confident preset: quantized op counts, size, and the fidelity gates.
+
+Fidelity is teacher-forced on held-out synthetic sequences against PyTorch eager, counted at positions
+where the reference's top-1 margin exceeds the engine's error (kiln.verify.logits_fidelity).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from exporter.trained import heldout_sequences
+from kiln.verify import logits_fidelity
+from optimizers import PassContext, run_recipe
+from optimizers.quantize import calibration_prefills
+from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
+from tests.optimizers.conftest import prefill_feeds
+
+# precision -> (target, recipe precision, top-1 gate, quantized op, nodes, max size after / before)
+CASES = {
+    "int8": ("cpu", "int8", 0.98, "MatMulInteger", 9, 0.35),
+    "int8-static": ("cpu", "int8-static", 0.98, "QuantizeLinear", 18, 0.35),
+    "int4": ("cpu", "int4", 0.95, "com.microsoft::MatMulNBits", 9, 0.25),
+    "fp16": ("cuda", "fp16", 0.995, None, 0, 0.51),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(exported):
+    """(plain export path, loaded model, held-out ids [16, 48], PyTorch logits [16*48, vocab])."""
+    import torch
+
+    path, loaded = exported("tiny-trained")
+    ids = heldout_sequences(16)
+    with torch.no_grad():
+        logits = loaded.module(input_ids=torch.from_numpy(ids)).logits.numpy()
+    return path, loaded, ids, logits.reshape(-1, loaded.facts.vocab_size)
+
+
+def engine_logits(path, loaded, ids) -> np.ndarray:
+    outputs = OnnxRuntimePredictor(path).predict(prefill_feeds(ids, loaded.facts))
+    return outputs["logits"].reshape(-1, loaded.facts.vocab_size)
+
+
+def test_the_trained_preset_is_confident(trained):
+    _, loaded, ids, logits = trained
+    # Skip BOS and the first number: those are random draws of the corpus, nothing to be sure of.
+    predicted = logits.reshape(ids.shape + (-1,)).argmax(-1)[:, 2:-1]
+    assert (predicted == ids[:, 3:]).mean() > 0.99
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert np.median(top2[:, 1] - top2[:, 0]) > 4.0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_precision_passes_fidelity_gate(case, trained, tmp_path):
+    target, precision, gate, op, nodes, size_ratio = CASES[case]
+    path, loaded, ids, want = trained
+    calibration = None
+    if case == "int8-static":
+        f = loaded.facts
+        calibration = calibration_prefills(heldout_sequences(8, seed=1)[:, :32], f.layers, f.kv_heads, f.head_dim)
+    context = PassContext(target=target, precision=precision, facts=loaded.facts, family="gpt2", calibration=calibration)
+    out = tmp_path / "model.onnx"
+    _, reports = run_recipe(path, context, output=out)
+    last = reports[-1]
+    if op:
+        assert last.quantized.get(op) == nodes, last.quantized
+    assert last.bytes_after / last.bytes_before < size_ratio
+    fidelity = logits_fidelity(engine_logits(out, loaded, ids), want)
+    print(f"{case}: {fidelity}")
+    assert fidelity["decisive_positions"] > 0.9 * fidelity["positions"]
+    assert fidelity["top1_agreement"] >= gate
+    assert fidelity["kl_mean"] < 0.01
+
+
+def test_fp16_keeps_io_in_fp32_and_weights_in_fp16(trained, tmp_path):
+    path, loaded, _, _ = trained
+    model, _ = run_recipe(path, PassContext(target="cuda", precision="fp16", facts=loaded.facts))
+    assert {v.dtype for v in [*model.graph.inputs, *model.graph.outputs]} == {ir.DataType.INT64, ir.DataType.FLOAT}
+    weights = [v for v in model.graph.initializers.values() if v.const_value.size > 1000]
+    assert weights and all(v.dtype == ir.DataType.FLOAT16 for v in weights)
+    model, _ = run_recipe(path, PassContext(target="cuda", precision="fp16", facts=loaded.facts, keep_io_types=False))
+    assert model.graph.outputs[0].dtype == ir.DataType.FLOAT16
+
+
+def test_int4_block_size_and_accuracy_level_reach_the_nodes(trained):
+    path, loaded, _, _ = trained
+    context = PassContext(precision="int4", facts=loaded.facts, options={"int4": {"block_size": 64, "accuracy_level": 1}})
+    model, reports = run_recipe(path, context)
+    nbits = [n for n in model.graph.all_nodes() if n.op_type == "MatMulNBits"]
+    assert {n.attributes.get_int("block_size") for n in nbits} == {64}
+    assert {n.attributes.get_int("accuracy_level") for n in nbits} == {1}
+    # The LM head ([hidden, vocab] = [128, 128]) is among them, and nothing stays in fp32.
+    assert any(n.attributes.get_int("N") == loaded.facts.vocab_size for n in nbits)
+    assert reports[-1].details["matmuls_left_in_fp32"] == []
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-bloom"])
+def test_int4_and_int8_run_on_other_families(preset, exported, tmp_path):
+    path, loaded = exported(preset)
+    ids = np.random.default_rng(0).integers(3, loaded.facts.vocab_size, size=(2, 8))
+    plain = engine_logits(path, loaded, ids)
+    for precision in ("int8", "int4"):
+        out = tmp_path / f"{precision}.onnx"
+        _, reports = run_recipe(path, PassContext(precision=precision, facts=loaded.facts), output=out)
+        assert sum(reports[-1].quantized.values()) >= 2 * loaded.facts.layers
+        got = engine_logits(out, loaded, ids)
+        assert got.shape == plain.shape and np.isfinite(got).all()

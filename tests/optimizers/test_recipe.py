@@ -1,0 +1,82 @@
+"""Recipes as data, run_recipe's contract checks and its failure messages, file in and out."""
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+
+from kiln.verify import VerificationInputs, output_error, run_steps
+from optimizers import RECIPES, PassContext, PassFailed, PassReport, RecipeError, recipe_for, run_recipe
+from optimizers.passes import PASSES
+from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
+
+
+def test_every_recipe_names_known_passes_and_starts_with_cleanup():
+    for (target, precision), names in RECIPES.items():
+        assert names[0] == "cleanup", (target, precision)
+        assert set(names) <= set(PASSES), (target, precision)
+    assert recipe_for("cpu", "int4") == ["cleanup", "fold_weight_transposes", "fusion", "int4"]
+
+
+def test_unknown_recipe_and_pass_are_named():
+    with pytest.raises(RecipeError, match=r"'cpu' at precision 'fp8'.*cpu/fp32"):
+        recipe_for("cpu", "fp8")
+    with pytest.raises(RecipeError, match=r"unknown pass 'fuse_everything'.*cleanup"):
+        run_recipe(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), PassContext(), passes=["fuse_everything"])
+
+
+class _Boom:
+    name = "boom"
+
+    def __call__(self, model, context):
+        raise RuntimeError("kernel table is empty")
+
+
+class _RenameLogits:
+    name = "rename"
+
+    def __call__(self, model, context):
+        model.graph.outputs[0].name = "scores"
+        return model, PassReport(self.name, changed=True)
+
+
+def test_a_failing_pass_is_named_with_the_passes_before_it(exported):
+    path, _ = exported("tiny-gpt2")
+    with pytest.raises(PassFailed, match=r"pass 'boom' failed \(after cleanup\): RuntimeError: kernel table is empty") as e:
+        run_recipe(path, PassContext(), passes=["cleanup", _Boom()])
+    assert e.value.applied == ["cleanup"]
+
+
+def test_a_pass_that_renames_an_output_breaks_the_contract(exported):
+    path, _ = exported("tiny-gpt2")
+    with pytest.raises(PassFailed, match=r"pass 'rename' changed the engine's IO contract.*outputs were \['logits'"):
+        run_recipe(path, PassContext(), passes=[_RenameLogits()])
+
+
+def test_path_in_path_out_with_external_data_keeps_outputs(exported, tmp_path):
+    path, loaded = exported("tiny-gpt2")
+    out = tmp_path / "model.onnx"
+    _, reports = run_recipe(path, PassContext(facts=loaded.facts, family="gpt2"), output=out, external_data=True)
+    assert [r.name for r in reports] == ["cleanup", "fusion"]
+    assert (tmp_path / "model.onnx.data").stat().st_size > 100_000
+    assert all(r.seconds >= 0 and r.bytes_after > 0 for r in reports)
+    plain, optimized = OnnxRuntimePredictor(path), OnnxRuntimePredictor(out)
+    assert optimized.signature == plain.signature
+    want, got = run_steps(plain, 1024, VerificationInputs()), run_steps(optimized, 1024, VerificationInputs())
+    for name in want[0]:
+        assert output_error([s[name] for s in got], [s[name] for s in want])["relative"] < 1e-5, name
+
+
+def test_in_place_on_a_file_with_external_data(exported, tmp_path):
+    """The engine dir case: read model.onnx + model.onnx.data, write the result over them."""
+    from optimizers import save
+
+    path, loaded = exported("tiny-trained")
+    engine = tmp_path / "model.onnx"
+    save(ir.load(str(path)), engine, external_data=True)
+    context = PassContext(precision="int4", facts=loaded.facts, family="gpt2")
+    run_recipe(engine, context, output=engine, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    run_recipe(engine, context, passes=["cleanup"], output=engine, external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    session = OnnxRuntimePredictor(engine).session
+    assert sum(n.op_type == "MatMulNBits" for n in ir.load(str(engine)).graph) == 9 and session
