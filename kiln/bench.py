@@ -38,6 +38,47 @@ class Candidate:
     size_bytes: int  # engine files on disk
     weight_bytes: int  # bytes a decode step reads: the weights, less gather-only tables
     max_positions: int | None  # prompts longer than this are skipped
+    vocab_size: int
+
+
+def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -> Candidate:
+    """Load an engine directory for measuring, its threads set and idle thread pools sleeping."""
+    import runtimes
+    from kiln.targets import TARGETS
+    from runtimes.engine_dir import read_manifest
+
+    manifest = read_manifest(engine_dir)
+    # Spinning idle pools of the engines not being timed would steal the cores of the one that is.
+    options = {"threads": threads, "allow_spinning": False} if manifest["backend"] == "onnxruntime" else {}
+    if manifest["backend"] == "aoti":
+        import torch
+
+        torch.set_num_threads(threads)
+    target = TARGETS.get(manifest["target"])
+    predictor = runtimes.load(engine_dir, device=target.device if target else "cpu", **options)
+    model = Path(engine_dir) / manifest["model_file"]
+    weights = bytes_read_per_token(model) if model.suffix == ".onnx" else model.stat().st_size
+    config = manifest["source"]["config"]
+    return Candidate(
+        label or f"{Path(engine_dir).name} ({manifest['target']}/{manifest['precision']})", predictor, str(engine_dir),
+        sum(entry["bytes"] for entry in manifest["files"].values()), weights, _max_positions(config), config["vocab_size"],
+    )
+
+
+def reference_candidate(engine_dir: Path, threads: int) -> Candidate:
+    """The engine's source model in PyTorch eager; its weight bytes are not counted (no floor drawn)."""
+    import torch
+
+    from kiln.reference import load_reference
+    from runtimes.engine_dir import read_manifest
+
+    torch.set_num_threads(threads)
+    config = read_manifest(engine_dir)["source"]["config"]
+    return Candidate("pytorch eager", load_reference(engine_dir), None, 0, 0, _max_positions(config), config["vocab_size"])
+
+
+def _max_positions(config: dict) -> int | None:
+    return config.get("n_positions") or config.get("max_position_embeddings")
 
 
 def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> float:
@@ -90,10 +131,10 @@ def generation_figures(predictor, batch: int, prompt: int, new_tokens: int, rng:
     return first, batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])
 
 
-def run_bench(candidates: list[Candidate], config: BenchConfig, vocab: int,
-              on_progress: Callable[[str], None] | None = None) -> dict:
+def run_bench(candidates: list[Candidate], config: BenchConfig, on_progress: Callable[[str], None] | None = None) -> dict:
     """Measure every candidate; the first is the baseline of the ratios."""
     rng = np.random.default_rng(0)
+    vocab = min(c.vocab_size for c in candidates)
     samples = {c.label: {"prefill": {}, "first_token": [], "decode": {}} for c in candidates}
     for round_index in range(config.rounds + 1):  # round 0 warms up and is discarded
         for candidate in candidates:

@@ -5,7 +5,6 @@ import json
 import signal
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -71,9 +70,13 @@ def _json_mode(ctx: click.Context, as_json: bool) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--passes", help="Comma-separated optimization passes instead of the recipe; `--passes list` shows the recipe.")
 @click.option("--profile", help="TensorRT shape ranges, e.g. batch=1:1:8,sequence=1:1:512,past=0:512:1536.")
+@click.option("--auto", is_flag=True, help="Build every precision up to --budget, keep the fastest that passes verification.")
+@click.option("--budget", default="int4", show_default=True, help="With --auto: the most lossy precision allowed.")
+@click.option("--shape", default="batch=1,prompt=128,new=64", show_default=True, help="With --auto: the request to be fast on.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remote_code, passes, profile, as_json):
+def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remote_code, passes, profile, auto, budget,
+            shape, as_json):
     """Convert SPEC into a verified engine directory.
 
     SPEC is a preset name (see `kiln presets`), a local Hugging Face model folder, or
@@ -87,16 +90,29 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
         _print_recipe(target, precision, as_json)
         return
     with StepPrinter() as printer:
-        result = run_convert(
-            spec, target, precision, output, force=force, verify=not skip_verify,
-            trust_remote_code=trust_remote_code, passes=passes.split(",") if passes else None, profile=profile,
-            on_step=printer.on_step,
-        )
+        if auto:
+            from kiln.auto import convert_auto
+
+            result = convert_auto(spec, target, output, budget=budget, shape=shape, force=force,
+                                  trust_remote_code=trust_remote_code, on_step=printer.on_step)
+        else:
+            result = run_convert(
+                spec, target, precision, output, force=force, verify=not skip_verify,
+                trust_remote_code=trust_remote_code, passes=passes.split(",") if passes else None, profile=profile,
+                on_step=printer.on_step,
+            )
     manifest = result.manifest
     if as_json:
         click.echo(json.dumps({"ok": True, "exit_code": 0, "engine_dir": str(result.engine_dir), **_summary(manifest)}, indent=2))
         return
     click.echo(f"engine: {result.engine_dir}")
+    for candidate in manifest.get("auto", {}).get("candidates", []):
+        if "request_seconds" in candidate:
+            click.echo(f"candidate {candidate['precision']:<12} {candidate['request_seconds']:.3f} s per request, "
+                       f"{candidate['decode_tok_s']:.1f} tok/s, top-1 {candidate['top1_agreement']:.2%}"
+                       + (f"  ({candidate['rejected']})" if "rejected" in candidate else "  <- chosen"))
+        else:
+            click.echo(f"candidate {candidate['precision']:<12} rejected: {candidate['rejected']}")
     verification = manifest["verification"]
     if verification.get("skipped"):
         click.echo("verification: skipped (--no-verify)")
@@ -132,6 +148,7 @@ def _summary(manifest: dict) -> dict:
         "source": {k: manifest["source"][k] for k in ("spec", "kind", "family", "weights_sha256")},
         "steps": manifest["steps"],
         "passes": manifest.get("passes", []),
+        "auto": manifest.get("auto"),
         "verification": manifest["verification"],
         "files": manifest["files"],
     }
@@ -335,18 +352,17 @@ def bench(ctx, engine_dirs, reference, prompt_lengths, batches, new_tokens, roun
     """Measure engines side by side, interleaved in one process: prefill latency, first token, decode tok/s."""
     from rich.console import Console
 
-    from kiln.bench import BenchConfig, plot, run_bench
+    from kiln.bench import BenchConfig, engine_candidate, plot, reference_candidate, run_bench
 
     _json_mode(ctx, as_json)
     config = BenchConfig(_int_list(prompt_lengths, "--prompt-lengths"), _int_list(batches, "--batches"),
                          new_tokens, rounds=rounds, threads=threads)
-    candidates = [_bench_candidate(path, threads) for path in engine_dirs]
+    candidates = [engine_candidate(path, threads) for path in engine_dirs]
     if reference:
-        candidates.insert(0, _reference_candidate(engine_dirs[0], threads))
-    vocab = min(c.vocab for c in candidates)
+        candidates.insert(0, reference_candidate(engine_dirs[0], threads))
     console = Console(stderr=True)
     with console.status("benchmarking…") as status:
-        report = run_bench([c.candidate for c in candidates], config, vocab, on_progress=status.update)
+        report = run_bench(candidates, config, on_progress=status.update)
     if plot_path:
         plot(report, plot_path)
         report["plot"] = str(plot_path)
@@ -383,46 +399,3 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise KilnError(f"{option}: expected positive integers, got {text!r}")
     return values
-
-
-@dataclass
-class _Entry:
-    candidate: object
-    vocab: int
-
-
-def _bench_candidate(engine_dir: Path, threads: int) -> _Entry:
-    import runtimes
-    from kiln.bench import Candidate, bytes_read_per_token
-    from runtimes.engine_dir import read_manifest
-
-    manifest = read_manifest(engine_dir)
-    options = {"threads": threads, "allow_spinning": False} if manifest["backend"] == "onnxruntime" else {}
-    if manifest["backend"] == "aoti":
-        import torch
-
-        torch.set_num_threads(threads)
-    predictor = runtimes.load(engine_dir, device=_device_of(manifest), **options)
-    model = engine_dir / manifest["model_file"]
-    weights = bytes_read_per_token(model) if model.suffix == ".onnx" else model.stat().st_size
-    config = manifest["source"]["config"]
-    label = f"{engine_dir.name} ({manifest['target']}/{manifest['precision']})"
-    size = sum(entry["bytes"] for entry in manifest["files"].values())
-    return _Entry(Candidate(label, predictor, str(engine_dir), size, weights, _max_positions(config)), config["vocab_size"])
-
-
-def _reference_candidate(engine_dir: Path, threads: int) -> _Entry:
-    import torch
-
-    from kiln.bench import Candidate
-    from kiln.reference import load_reference
-    from runtimes.engine_dir import read_manifest
-
-    torch.set_num_threads(threads)
-    config = read_manifest(engine_dir)["source"]["config"]
-    return _Entry(Candidate("pytorch eager", load_reference(engine_dir), None, 0, 0, _max_positions(config)),
-                  config["vocab_size"])
-
-
-def _max_positions(config: dict) -> int | None:
-    return config.get("n_positions") or config.get("max_position_embeddings")
