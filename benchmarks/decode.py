@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kiln.bench import bytes_read_per_token, read_bandwidth  # noqa: E402  (after the path insert)
+from kiln.bench import _cpu_name, bytes_read_per_token, read_bandwidth  # noqa: E402  (after the path insert)
 
 
 def onnx_run(predictor, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
@@ -131,16 +131,6 @@ def _benchmark(args, loaded, workdir: Path, argv) -> None:
         build = f"{build_seconds[label]:.1f}" if label in build_seconds else "-"
         print(f"| {label} | {rate:.1f} | {rate / eager_rate:.2f} | {first * 1e3:.1f} | {first / eager_first:.2f} | "
               f"{weight_bytes[label] / 1e6:.0f} | {floor:.0f} | {rate / floor:.0%} | {build} |")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ort_version() -> str:

@@ -44,7 +44,7 @@ class Candidate:
 def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -> Candidate:
     """Load an engine directory for measuring, its threads set and idle thread pools sleeping."""
     import runtimes
-    from kiln.targets import TARGETS
+    from kiln.targets import device_of
     from runtimes.engine_dir import read_manifest
 
     manifest = read_manifest(engine_dir)
@@ -54,8 +54,7 @@ def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -
         import torch
 
         torch.set_num_threads(threads)
-    target = TARGETS.get(manifest["target"])
-    predictor = runtimes.load(engine_dir, device=target.device if target else "cpu", **options)
+    predictor = runtimes.load(engine_dir, device=device_of(manifest["target"]), **options)
     model = Path(engine_dir) / manifest["model_file"]
     weights = bytes_read_per_token(model) if model.suffix == ".onnx" else model.stat().st_size
     config = manifest["source"]["config"]

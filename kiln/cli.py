@@ -309,6 +309,7 @@ def verify(ctx, engine_dir, as_json):
     """Check an engine's files against its manifest, then re-run its fidelity check against PyTorch."""
     import runtimes
     from kiln.reference import load_reference
+    from kiln.targets import device_of
     from kiln.verify import VerificationInputs, compare
     from runtimes.engine_dir import read_manifest
 
@@ -316,7 +317,7 @@ def verify(ctx, engine_dir, as_json):
     manifest = read_manifest(engine_dir)
     stored = manifest["verification"].get("inputs")
     inputs = VerificationInputs(**stored) if stored else VerificationInputs()
-    with runtimes.load(engine_dir, device=_device_of(manifest)) as engine:
+    with runtimes.load(engine_dir, device=device_of(manifest["target"])) as engine:
         report = compare(engine, load_reference(engine_dir), manifest["source"]["config"]["vocab_size"],
                          manifest["precision"], inputs)
     if not report["passed"]:
@@ -328,13 +329,6 @@ def verify(ctx, engine_dir, as_json):
     click.echo(f"files: all {len(manifest['files'])} match the manifest")
     click.echo(f"verification: passed; logits max abs error {logits['max_abs']:.2e}, top-1 {logits['top1_agreement']:.2%}, "
                f"KL {logits['kl_mean']:.2e}")
-
-
-def _device_of(manifest: dict) -> str:
-    from kiln.targets import TARGETS
-
-    target = TARGETS.get(manifest["target"])
-    return target.device if target else "cpu"
 
 
 @cli.command()

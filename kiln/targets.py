@@ -48,6 +48,11 @@ def target_named(name: str, precision: str) -> Target:
     return target
 
 
+def device_of(target_name: str) -> str:
+    """Where an engine of that target runs: "cpu" or "cuda" (also for targets this version lacks)."""
+    return TARGETS[target_name].device if target_name in TARGETS else "cpu"
+
+
 def missing_on_host(target: Target) -> str | None:
     """Why this machine cannot build and verify `target`'s engines, or None when it can."""
     if target.backend == "onnxruntime":

@@ -47,6 +47,8 @@ def choose_next(
 
     `history [batch, seen]` with `history_mask` are the tokens seen so far, for the repetition penalty.
     """
+    if rng is None and repetition_penalty == 1.0:
+        return logits.argmax(axis=-1).astype(np.int64)  # the common greedy case: no copy of the logits
     logits = logits.astype(np.float64)
     if repetition_penalty != 1.0:
         for row in range(logits.shape[0]):
