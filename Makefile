@@ -11,14 +11,14 @@ PRECISION ?= fp32
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test demo clean cpu aoti cuda rocm tensorrt
+.PHONY: help install test demo clean cpu aoti cuda rocm tensorrt bench
 
 include plugins/plugins.mk
 
 help:
 	@echo "make install   create $(VENV), install $(TORCH_SPEC) then torchkiln[dev] pinned to it"
 	@echo "make test      install, then run the test suite"
-	@echo "make demo      install, convert $(DEMO_PRESET) for the CPU, verify, generate"
+	@echo "make demo      install, convert $(DEMO_PRESET) for the CPU, verify, generate, benchmark beside PyTorch"
 	@echo "make plugins-cuda  build the attention kernel: cubin for $(CUDA_ARCHS) (nvcc)"
 	@echo "make plugins-rocm  build the attention kernel for $(ROCM_ARCH) (hipcc, installed from Debian if missing)"
 	@echo "make plugins-cpu   build the C++ reference: a plain library and the kiln::causal_attention torch op"
@@ -27,6 +27,7 @@ help:
 	@echo "make cuda      the same for ONNX Runtime's CUDA provider (needs an NVIDIA GPU)"
 	@echo "make rocm      the same for ONNX Runtime's MIGraphX provider (needs an AMD GPU with ROCm)"
 	@echo "make tensorrt  the same as a TensorRT plan (needs an NVIDIA GPU and TensorRT)"
+	@echo "make bench     convert gpt2 for the CPU at fp32/int8/int4 and measure them beside PyTorch eager (README table)"
 	@echo "make clean     remove build outputs"
 
 install: $(STAMP)
@@ -47,6 +48,7 @@ demo: install
 	$(BIN)/kiln convert $(DEMO_PRESET) --target cpu --precision fp32 -o $(DEMO_OUT) --force
 	$(BIN)/kiln inspect $(DEMO_OUT)
 	$(BIN)/kiln generate $(DEMO_OUT) --prompt-ids 1,2,3,4 --max-new-tokens 32
+	$(BIN)/kiln bench $(DEMO_OUT) --reference --prompt-lengths 32,128 --rounds 2
 
 # Each hardware target converts into build/<model>-<target>-<precision>/ (kiln's default) and verifies.
 cpu: install
@@ -76,6 +78,16 @@ tensorrt:
 	$(MAKE) install
 	$(BIN)/python -c "import tensorrt" 2>/dev/null || $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt tensorrt
 	$(BIN)/kiln convert $(MODEL) --target tensorrt --precision $(PRECISION) --force
+
+BENCH_ENGINES := $(foreach p,fp32 int8 int4,build/gpt2-cpu-$(p))
+
+build/gpt2-cpu-%: | install
+	$(BIN)/kiln convert gpt2 --target cpu --precision $* -o $@ --force
+
+bench: install $(BENCH_ENGINES)
+	mkdir -p benchmarks/results
+	$(BIN)/kiln bench $(BENCH_ENGINES) --reference --rounds 3 --plot benchmarks/results/gpt2-cpu.png --json > benchmarks/results/gpt2-cpu.json
+	$(BIN)/python benchmarks/table.py benchmarks/results/gpt2-cpu.json
 
 clean:
 	rm -rf build
