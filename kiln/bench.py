@@ -111,11 +111,11 @@ def bytes_read_per_token(onnx_path: Path) -> int:
 
 def prefill_seconds(predictor, length: int, rng: np.random.Generator, vocab: int) -> float:
     """One forward pass over `length` new tokens at batch 1 with an empty cache."""
-    from runtimes.generate import _empty_cache
+    from runtimes.generate import empty_cache
 
     ids = rng.integers(0, vocab, size=(1, length))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(length)[None],
-             **_empty_cache(predictor, 1)}
+             **empty_cache(predictor.signature, 1)}
     start = time.perf_counter()
     predictor.predict(feeds)
     return time.perf_counter() - start

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtimes.generate import carried_cache, empty_cache
 from runtimes.predictor import Predictor
 
 
@@ -40,10 +41,7 @@ def run_steps(predictor: Predictor, vocab_size: int, inputs: VerificationInputs)
     """Outputs of a prefill of `prompt` random tokens and `decode_steps` single-token steps after it."""
     rng = np.random.default_rng(inputs.seed)
     tokens = rng.integers(0, vocab_size, size=(inputs.batch, inputs.prompt + inputs.decode_steps), dtype=np.int64)
-    feeds = {}
-    for spec in predictor.signature.past_inputs:
-        shape = [inputs.batch if i == 0 else (0 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
-        feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    feeds = empty_cache(predictor.signature, inputs.batch)
     steps, start = [], 0
     for end in [inputs.prompt] + list(range(inputs.prompt + 1, inputs.prompt + inputs.decode_steps + 1)):
         feeds["input_ids"] = tokens[:, start:end]
@@ -51,8 +49,7 @@ def run_steps(predictor: Predictor, vocab_size: int, inputs: VerificationInputs)
         feeds["position_ids"] = np.broadcast_to(np.arange(start, end, dtype=np.int64), (inputs.batch, end - start)).copy()
         outputs = predictor.predict(feeds)
         steps.append(outputs)
-        for spec in predictor.signature.past_inputs:
-            feeds[spec.name] = outputs[spec.name.replace("past_key_values.", "present.")]
+        feeds.update(carried_cache(predictor.signature, outputs))
         start = end
     return steps
 

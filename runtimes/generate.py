@@ -109,7 +109,7 @@ def stream(
     rng = np.random.default_rng(seed) if do_sample else None
     batch = ids.shape[0]
     positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **_empty_cache(predictor, batch)}
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty_cache(predictor.signature, batch)}
     history, history_mask = ids, mask
     finished = np.zeros(batch, dtype=bool)
     for step in range(max_new_tokens):
@@ -131,7 +131,7 @@ def stream(
             "input_ids": column,
             "attention_mask": mask,
             "position_ids": feeds["position_ids"][:, -1:] + 1,
-            **{p.name: outputs[p.name.replace("past_key_values.", "present.")] for p in predictor.signature.past_inputs},
+            **carried_cache(predictor.signature, outputs),
         }
 
 
@@ -147,13 +147,18 @@ def generate(
     return np.stack(steps, axis=1)
 
 
-def _empty_cache(predictor, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length past arrays for the prefill step, `[batch, kv_heads, 0, head_dim]`."""
+def empty_cache(signature, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past arrays for a prefill step, `[batch, kv_heads, 0, head_dim]`."""
     cache = {}
-    for spec in predictor.signature.past_inputs:
+    for spec in signature.past_inputs:
         shape = [batch if i == 0 else (0 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
         cache[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return cache
+
+
+def carried_cache(signature, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The next step's `past_key_values.*` feeds: this step's `present.*` outputs, not copied."""
+    return {spec.name: outputs[spec.name.replace("past_key_values.", "present.")] for spec in signature.past_inputs}
 
 
 def _vocab_size(predictor) -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from kiln.verify import VerificationInputs, output_error, run_steps
 from optimizers import PassContext, run_recipe
-from runtimes.generate import left_pad
+from runtimes.generate import carried_cache, empty_cache, left_pad
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 
 MHA, SLN = "com.microsoft::MultiHeadAttention", "com.microsoft::SkipLayerNormalization"
@@ -46,8 +46,7 @@ def left_padded_decode(predictor, steps: int = 3) -> np.ndarray:
     """Last-position logits of a left-padded batch of two prompts over a prefill and greedy decode steps."""
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]])
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(np.cumsum(mask, -1) - 1, 0, None)}
-    for spec in predictor.signature.past_inputs:
-        feeds[spec.name] = np.zeros((2, spec.shape[1], 0, spec.shape[3]), np.float32)
+    feeds.update(empty_cache(predictor.signature, 2))
     logits = []
     for _ in range(steps):
         outputs = predictor.predict(feeds)
@@ -56,7 +55,7 @@ def left_padded_decode(predictor, steps: int = 3) -> np.ndarray:
         feeds = {
             "input_ids": outputs["logits"][:, -1].argmax(-1)[:, None], "attention_mask": mask,
             "position_ids": feeds["position_ids"][:, -1:] + 1,
-            **{s.name: outputs[s.name.replace("past_key_values.", "present.")] for s in predictor.signature.past_inputs},
+            **carried_cache(predictor.signature, outputs),
         }
     return np.stack(logits)
 
