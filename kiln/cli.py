@@ -123,6 +123,9 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
             f"({logits['relative']:.2e} of range), top-1 agreement {logits['top1_agreement']:.2%} "
             f"on {logits['decisive_positions']} positions ({logits['near_ties']} near-ties), KL {logits['kl_mean']:.2e}"
         )
+        if logits["decisive_positions"] == 0:
+            click.echo("note: every position was a near-tie (flat logits, e.g. random weights): top-1 agreement says "
+                       "nothing here; see tiny-trained for a model with confident predictions", err=True)
 
 
 def _print_recipe(target: str, precision: str, as_json: bool) -> None:
@@ -156,9 +159,12 @@ def _summary(manifest: dict) -> dict:
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write a Markdown report: manifest, pass log, fidelity, files.")
+@click.option("--bench", "with_bench", is_flag=True, help="With --report: measure the engine beside PyTorch and add the table and a plot.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def inspect(ctx, engine_dir, as_json):
+def inspect(ctx, engine_dir, report_path, with_bench, as_json):
     """Summarize an engine: source, target, steps, verification, op histogram and file sizes."""
     import onnx
 
@@ -171,6 +177,9 @@ def inspect(ctx, engine_dir, as_json):
         graph = onnx.load(engine_dir / manifest["model_file"], load_external_data=False).graph
         ops.update(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}" for node in graph.node)
     document = {"engine_dir": str(engine_dir), **_summary(manifest), "op_histogram": dict(ops.most_common())}
+    if report_path:
+        _write_report(engine_dir, manifest, dict(ops.most_common()), report_path, with_bench)
+        document["report"] = str(report_path)
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return
@@ -194,6 +203,20 @@ def inspect(ctx, engine_dir, as_json):
     click.echo("ops         " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
     for name, entry in manifest["files"].items():
         click.echo(f"file        {name}  {entry['bytes']:,} bytes  sha256 {entry['sha256'][:16]}…")
+
+
+def _write_report(engine_dir: Path, manifest: dict, ops: dict, report_path: Path, with_bench: bool) -> None:
+    from kiln.report import markdown_report
+
+    bench, plot_name = None, None
+    if with_bench:
+        from kiln.bench import BenchConfig, engine_candidate, plot, reference_candidate, run_bench
+
+        candidates = [reference_candidate(engine_dir, 2), engine_candidate(engine_dir, 2)]
+        bench = run_bench(candidates, BenchConfig(prompt_lengths=(32,), batches=(1,), new_tokens=16, rounds=2))
+        plot_name = report_path.with_suffix(".png").name
+        plot(bench, report_path.with_name(plot_name))
+    report_path.write_text(markdown_report(engine_dir, manifest, ops, bench, plot_name))
 
 
 @cli.command()

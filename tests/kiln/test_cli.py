@@ -108,3 +108,14 @@ def test_verify_passes_on_a_fresh_engine_and_names_a_tampered_file(engine_dir, t
         f.write(" ")
     tampered = CliRunner().invoke(cli, ["verify", str(copy)])
     assert tampered.exit_code == 2 and "file 'report.json' does not match its sha256" in tampered.output
+
+
+def test_inspect_writes_a_markdown_report_with_a_bench(engine_dir, tmp_path):
+    report = tmp_path / "engine.md"
+    result = CliRunner().invoke(cli, ["inspect", str(engine_dir("tiny-gpt2")), "--report", str(report), "--bench"])
+    assert result.exit_code == 0, result.output
+    text = report.read_text()
+    for heading in ("## Passes", "## Fidelity against PyTorch", "## Bench", "## Files", "![bench](engine.png)"):
+        assert heading in text
+    assert "| fusion |" in text and "| logits |" in text and "| pytorch eager |" in text
+    assert (tmp_path / "engine.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
