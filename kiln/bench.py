@@ -64,8 +64,9 @@ def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -
     )
 
 
-def reference_candidate(engine_dir: Path, threads: int) -> Candidate:
-    """The engine's source model in PyTorch eager; its weight bytes are not counted (no floor drawn)."""
+def reference_candidate(engine_dir: Path, threads: int, compiled: bool = False) -> Candidate:
+    """The engine's source model in PyTorch eager, or under `torch.compile(dynamic=True)` when `compiled`
+    (compiling happens in the warm-up round); its weight bytes are not counted (no floor drawn)."""
     import torch
 
     from kiln.reference import load_reference
@@ -73,7 +74,11 @@ def reference_candidate(engine_dir: Path, threads: int) -> Candidate:
 
     torch.set_num_threads(threads)
     config = read_manifest(engine_dir)["source"]["config"]
-    return Candidate("pytorch eager", load_reference(engine_dir), None, 0, 0, _max_positions(config), config["vocab_size"])
+    predictor = load_reference(engine_dir)
+    if compiled:
+        predictor.function = torch.compile(predictor.function, dynamic=True)
+    label = "torch.compile" if compiled else "pytorch eager"
+    return Candidate(label, predictor, None, 0, 0, _max_positions(config), config["vocab_size"])
 
 
 def _max_positions(config: dict) -> int | None:

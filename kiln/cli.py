@@ -357,6 +357,7 @@ def verify(ctx, engine_dir, as_json):
 @cli.command()
 @click.argument("engine_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--reference", is_flag=True, help="Also measure the first engine's source model in PyTorch eager (the baseline).")
+@click.option("--compiled-reference", is_flag=True, help="Also measure that model under torch.compile (compiled in the warm-up round).")
 @click.option("--prompt-lengths", default="32,128,512", show_default=True, help="Prefill lengths, batch 1.")
 @click.option("--batches", default="1,8", show_default=True, help="Decode batch sizes.")
 @click.option("--new-tokens", default=32, show_default=True, type=int, help="Tokens generated per decode run.")
@@ -365,7 +366,7 @@ def verify(ctx, engine_dir, as_json):
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: decode tok/s with the bandwidth floor, prefill latency.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def bench(ctx, engine_dirs, reference, prompt_lengths, batches, new_tokens, rounds, threads, plot_path, as_json):
+def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batches, new_tokens, rounds, threads, plot_path, as_json):
     """Measure engines side by side, interleaved in one process: prefill latency, first token, decode tok/s."""
     from rich.console import Console
 
@@ -375,6 +376,8 @@ def bench(ctx, engine_dirs, reference, prompt_lengths, batches, new_tokens, roun
     config = BenchConfig(_int_list(prompt_lengths, "--prompt-lengths"), _int_list(batches, "--batches"),
                          new_tokens, rounds=rounds, threads=threads)
     candidates = [engine_candidate(path, threads) for path in engine_dirs]
+    if compiled_reference:
+        candidates.insert(0, reference_candidate(engine_dirs[0], threads, compiled=True))
     if reference:
         candidates.insert(0, reference_candidate(engine_dirs[0], threads))
     console = Console(stderr=True)
