@@ -27,7 +27,7 @@ help:
 	@echo "make cuda      the same for ONNX Runtime's CUDA provider (needs an NVIDIA GPU)"
 	@echo "make rocm      the same for ONNX Runtime's MIGraphX provider (needs an AMD GPU with ROCm)"
 	@echo "make tensorrt  the same as a TensorRT plan (needs an NVIDIA GPU and TensorRT)"
-	@echo "make bench     convert gpt2 for the CPU at fp32/int8/int4 and measure them beside PyTorch eager (README table)"
+	@echo "make bench     convert gpt2 (ONNX fp32/int8/int4, AOTInductor) and measure beside eager and torch.compile (README table)"
 	@echo "make clean     remove build outputs"
 
 install: $(STAMP)
@@ -79,14 +79,18 @@ tensorrt:
 	$(BIN)/python -c "import tensorrt" 2>/dev/null || $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt tensorrt
 	$(BIN)/kiln convert $(MODEL) --target tensorrt --precision $(PRECISION) --force
 
-BENCH_ENGINES := $(foreach p,fp32 int8 int4,build/gpt2-cpu-$(p))
+BENCH_ENGINES := build/gpt2-cpu-fp32 build/gpt2-aoti-cpu-fp32 build/gpt2-cpu-int8 build/gpt2-cpu-int4
 
 build/gpt2-cpu-%: | install
 	$(BIN)/kiln convert gpt2 --target cpu --precision $* -o $@ --force
 
+build/gpt2-aoti-cpu-fp32: | install
+	$(BIN)/kiln convert gpt2 --target aoti-cpu -o $@ --force
+
 bench: install $(BENCH_ENGINES)
 	mkdir -p benchmarks/results
-	$(BIN)/kiln bench $(BENCH_ENGINES) --reference --rounds 3 --plot benchmarks/results/gpt2-cpu.png --json > benchmarks/results/gpt2-cpu.json
+	$(BIN)/kiln bench $(BENCH_ENGINES) --reference --compiled-reference --rounds 3 \
+		--plot benchmarks/results/gpt2-cpu.png --json > benchmarks/results/gpt2-cpu.json
 	$(BIN)/python benchmarks/table.py benchmarks/results/gpt2-cpu.json
 
 clean:
