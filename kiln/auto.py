@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kiln.errors import KilnError, VerificationFailed
 from kiln.manifest import write_json, write_manifest
-from kiln.pipeline import ConvertResult, _move_into_place, _refuse_existing, convert, default_output, remove_stale_temporaries
+from kiln.pipeline import ConvertResult, convert, default_output, move_into_place, refuse_existing, remove_stale_temporaries
 from kiln.targets import target_named
 
 # From least to most lossy: a budget admits itself and everything before it.
@@ -43,7 +43,7 @@ def convert_auto(spec: str, target: str = "cpu", output=None, *, budget: str = "
     wanted = parse_shape(shape)
     precisions = candidate_precisions(target, budget)
     output = Path(output) if output is not None else default_output(spec, target, "auto")
-    _refuse_existing(output, force)
+    refuse_existing(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output)
     scratch = output.parent / f".{output.name}.kiln-tmp-auto-{os.getpid()}"
@@ -78,7 +78,7 @@ def convert_auto(spec: str, target: str = "cpu", output=None, *, budget: str = "
                    "bench": {k: bench[k] for k in ("date", "machine", "config", "read_bandwidth_gb_s")}}
         engine_dir = built[chosen["precision"]].engine_dir
         manifest = _record(engine_dir, summary)
-        _move_into_place(engine_dir, output)
+        move_into_place(engine_dir, output)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ConvertResult(output, manifest, manifest["steps"])

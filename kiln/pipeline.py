@@ -71,7 +71,7 @@ def convert(
     if missing:
         raise KilnError(f"target {target!r} cannot be built on this machine: {missing}")
     output = Path(output) if output is not None else default_output(spec, target, precision)
-    _refuse_existing(output, force)
+    refuse_existing(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output)
     workdir = output.parent / f".{output.name}{_TEMP_MARK}{os.getpid()}"
@@ -148,7 +148,7 @@ def convert(
             raise VerificationFailed(message, report)
         write_json(workdir / "report.json", {"verification": report})
         manifest = write_manifest(workdir, dict(fields, steps=steps, verification=report))
-        _move_into_place(workdir, output)
+        move_into_place(workdir, output)
     except OSError as error:
         if error.errno not in _WRITE_ERRNOS:
             raise
@@ -225,7 +225,7 @@ def _build_tensorrt(onnx_path: Path, workdir: Path, loaded, precision: str, prof
     return fields
 
 
-def _refuse_existing(output: Path, force: bool) -> None:
+def refuse_existing(output: Path, force: bool) -> None:
     if output.exists() and not force:
         raise KilnError(f"{output}: already exists (pass --force to replace it)")
     if output.exists() and not output.is_dir():
@@ -250,7 +250,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _move_into_place(workdir: Path, output: Path) -> None:
+def move_into_place(workdir: Path, output: Path) -> None:
     """Rename the finished engine to `output`; an old engine there (--force) is swapped out first."""
     if output.exists():
         old = output.parent / f".{output.name}{_TEMP_MARK}old-{os.getpid()}"
