@@ -33,4 +33,8 @@ def capture_aoti(loaded: LoadedModel, out_dir: Path, device: str = "cpu") -> Cap
             torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     except Exception as e:  # export and Inductor raise many types; all mean "this model cannot be compiled"
         raise ExportError(export_failure(e).replace("exported to ONNX", "compiled by AOTInductor")) from e
+    finally:
+        # The eager reference that verifies the package runs on the CPU (seen on an H100: left on the GPU,
+        # it received CPU tensors and failed).
+        loaded.module.to("cpu")
     return CapturedGraph(path, [path], external_data=False, opset=0)

@@ -5,9 +5,10 @@ tensorrt is imported inside register() only: the shape, launch and attribute ari
 plain ints as well as on TensorRT's symbolic shape expressions, and is tested where TensorRT is absent.
 
 ONNX node the parser maps to this plugin: domain "kiln", op_type "CausalAttention", plugin_version "1",
-inputs (query [b, h, q, d], key [b, kv_h, s, d], value [b, kv_h, s, d], alibi_slopes [h] float32, zeros
-when the model has no ALiBi), attribute scale: float (0.0 means 1/sqrt(d)), output [b, h, q, d].
-The cache holds the new keys, so past_len = s - q.
+inputs (query [b, h, q, d], key [b, kv_h, s, d], value [b, kv_h, s, d], key_mask [b, s] int32 (0 hides a
+padding key; ones when there is none), alibi_slopes [h] float32 (zeros when the model has no ALiBi)),
+attribute scale: float (0.0 means 1/sqrt(d)), output [b, h, q, d]. The cache holds the new keys, so
+past_len = s - q.
 """
 
 import math
@@ -29,8 +30,8 @@ CUDA_WARP_SIZE = 32
 FLOAT_BYTES = 4
 
 KERNEL_NAMES = {"float32": "kiln_causal_attention_f32", "float16": "kiln_causal_attention_f16"}
-# query, key, value and output share FP32 or FP16; the slopes stay FP32.
-IO_TYPES = "FP32|FP16, FP32|FP16, FP32|FP16, FP32, FP32|FP16"
+# query, key, value and output share FP32 or FP16; the key mask is INT32 and the slopes stay FP32.
+IO_TYPES = "FP32|FP16, FP32|FP16, FP32|FP16, INT32|INT32, FP32|FP32, FP32|FP16"
 PTX_ARCH = "compute_80"
 
 
@@ -101,12 +102,14 @@ def check_shapes(query_shape, key_shape) -> None:
         raise AttentionInputError(f"{PLUGIN_ID}: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
 
 
-def check_dtypes(query: str, key: str, value: str, alibi_slopes: str) -> None:
+def check_dtypes(query: str, key: str, value: str, key_mask: str, alibi_slopes: str) -> None:
     """dtype names ("float32", "float16", ...) of the inputs."""
     if query not in KERNEL_NAMES or key != query or value != query:
         raise AttentionInputError(
             f"{PLUGIN_ID} expects query, key and value all float32 or all float16; got {query}, {key}, {value}"
         )
+    if key_mask != "int32":
+        raise AttentionInputError(f"{PLUGIN_ID} expects an int32 key_mask; got {key_mask}")
     if alibi_slopes != "float32":
         raise AttentionInputError(f"{PLUGIN_ID} expects float32 alibi_slopes; got {alibi_slopes}")
 
@@ -136,7 +139,7 @@ def register(ptx: bytes | None = None) -> None:
     import tensorrt.plugin as trtp
 
     ptx = ptx if ptx is not None else default_ptx()
-    dtype_names = {trt.float32: "float32", trt.float16: "float16"}
+    dtype_names = {trt.float32: "float32", trt.float16: "float16", trt.int32: "int32"}
 
     def name_of(desc) -> str:
         return dtype_names.get(desc.dtype, str(desc.dtype))
@@ -144,14 +147,19 @@ def register(ptx: bytes | None = None) -> None:
     # tensorrt.plugin reads these signatures (names, order, annotations) as the plugin's schema.
     @trtp.register(PLUGIN_ID)
     def describe(
-        query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc, alibi_slopes: trtp.TensorDesc, scale: float
+        query: trtp.TensorDesc,
+        key: trtp.TensorDesc,
+        value: trtp.TensorDesc,
+        key_mask: trtp.TensorDesc,
+        alibi_slopes: trtp.TensorDesc,
+        scale: float,
     ) -> trtp.TensorDesc:
-        check_dtypes(name_of(query), name_of(key), name_of(value), name_of(alibi_slopes))
+        check_dtypes(name_of(query), name_of(key), name_of(value), name_of(key_mask), name_of(alibi_slopes))
         check_scale(scale)
         return query.like()
 
     @trtp.autotune(PLUGIN_ID)
-    def autotune(query, key, value, alibi_slopes, outputs) -> list[trtp.AutoTuneCombination]:
+    def autotune(query, key, value, key_mask, alibi_slopes, outputs) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(IO_TYPES, "LINEAR")]
 
     @trtp.aot_impl(PLUGIN_ID)
@@ -159,6 +167,7 @@ def register(ptx: bytes | None = None) -> None:
         query: trtp.TensorDesc,
         key: trtp.TensorDesc,
         value: trtp.TensorDesc,
+        key_mask: trtp.TensorDesc,
         alibi_slopes: trtp.TensorDesc,
         scale: float,
         outputs: tuple[trtp.TensorDesc],

@@ -2,7 +2,9 @@
 //
 // Contract (shared with the CPU reference in attention_cpu.h):
 //   query [batch, heads, q_len, head_dim], key/value [batch, kv_heads, kv_capacity, head_dim],
-//   out [batch, heads, q_len, head_dim], all contiguous; alibi_slopes [heads] float or null.
+//   out [batch, heads, q_len, head_dim], all contiguous; alibi_slopes [heads] float or null;
+//   key_mask [batch, kv_capacity] int32 or null, 0 hiding a key (padding) from every query.
+//   A query that sees no key at all (a left-padding row) gets zeros, as SDPA-based exports give.
 //   Query i sits at position past_len + i and sees keys 0 .. past_len + i; the cache already holds
 //   the new keys, and entries past past_len + q_len (a preallocated cache) are never read.
 //   heads is a multiple of kv_heads (grouped-query attention); head_dim <= KILN_MAX_HEAD_DIM.
@@ -21,7 +23,8 @@
 
 template <typename T>
 __device__ void causal_attention(const T* __restrict__ query, const T* __restrict__ key,
-                                 const T* __restrict__ value, const float* __restrict__ alibi_slopes,
+                                 const T* __restrict__ value, const int* __restrict__ key_mask,
+                                 const float* __restrict__ alibi_slopes,
                                  int heads, int kv_heads, int q_len, int kv_capacity, int past_len,
                                  int head_dim, int scale_bits, T* __restrict__ out) {
     extern __shared__ float kiln_tiles[];
@@ -47,6 +50,7 @@ __device__ void causal_attention(const T* __restrict__ query, const T* __restric
 
     const size_t q_offset = ((size_t)batch_head * q_len + (active ? q_index : 0)) * head_dim;
     const size_t kv_offset = ((size_t)batch * kv_heads + kv_head) * kv_capacity * head_dim;
+    const int* row_mask = key_mask != nullptr ? key_mask + (size_t)batch * kv_capacity : nullptr;
 
     // Scaling q once saves a multiply per key.
     float q[PER_LANE], acc[PER_LANE];
@@ -79,7 +83,7 @@ __device__ void causal_attention(const T* __restrict__ query, const T* __restric
 #pragma unroll
         for (int j = 0; j < KILN_TILE_KEYS; ++j) {
             scores[j] = -INFINITY;
-            if (j < visible) {
+            if (j < visible && (row_mask == nullptr || row_mask[tile_start + j] != 0)) {
                 float partial = 0.0f;
 #pragma unroll
                 for (int i = 0; i < PER_LANE; ++i) {
@@ -91,6 +95,7 @@ __device__ void causal_attention(const T* __restrict__ query, const T* __restric
                 tile_max = fmaxf(tile_max, scores[j]);
             }
         }
+        if (tile_max == -INFINITY) continue;  // every key of this tile masked: nothing to add
         const float new_max = fmaxf(running_max, tile_max);
         const float correction = expf(running_max - new_max);  // 0 on the first tile
         running_sum *= correction;
@@ -98,7 +103,7 @@ __device__ void causal_attention(const T* __restrict__ query, const T* __restric
         for (int i = 0; i < PER_LANE; ++i) acc[i] *= correction;
 #pragma unroll
         for (int j = 0; j < KILN_TILE_KEYS; ++j) {
-            if (j < visible) {
+            if (scores[j] != -INFINITY) {
                 const float p = expf(scores[j] - new_max);
                 running_sum += p;
 #pragma unroll
@@ -112,7 +117,7 @@ __device__ void causal_attention(const T* __restrict__ query, const T* __restric
     }
 
     if (!active) return;
-    const float inv_sum = 1.0f / running_sum;
+    const float inv_sum = running_sum > 0.0f ? 1.0f / running_sum : 0.0f;
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
         const int d = lane + i * KILN_WARP_SIZE;
@@ -122,10 +127,11 @@ __device__ void causal_attention(const T* __restrict__ query, const T* __restric
 
 #define KILN_ATTENTION_ENTRY(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(KILN_ROWS_PER_BLOCK * KILN_WARP_SIZE)                 \
-    NAME(const T* query, const T* key, const T* value, const float* alibi_slopes, int heads,            \
-         int kv_heads, int q_len, int kv_capacity, int past_len, int head_dim, int scale_bits, T* out) { \
-        causal_attention<T>(query, key, value, alibi_slopes, heads, kv_heads, q_len, kv_capacity,      \
-                            past_len, head_dim, scale_bits, out);                                       \
+    NAME(const T* query, const T* key, const T* value, const int* key_mask, const float* alibi_slopes,  \
+         int heads, int kv_heads, int q_len, int kv_capacity, int past_len, int head_dim, int scale_bits, \
+         T* out) {                                                                                       \
+        causal_attention<T>(query, key, value, key_mask, alibi_slopes, heads, kv_heads, q_len,         \
+                            kv_capacity, past_len, head_dim, scale_bits, out);                          \
     }
 
 KILN_ATTENTION_ENTRY(kiln_causal_attention_f32, float)

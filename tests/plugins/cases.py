@@ -2,9 +2,12 @@
 
 import random
 
+import numpy as np
+
 
 def random_attention_cases(count: int, seed: int = 0) -> list[dict]:
-    """Shapes that stress the edges: odd sizes, past length 0, batch > 1, GQA ratios, ALiBi, spare cache."""
+    """Shapes that stress the edges: odd sizes, past length 0, batch > 1, GQA ratios, ALiBi, spare cache,
+    padded keys."""
     rng = random.Random(seed)
     cases = []
     for index in range(count):
@@ -19,8 +22,25 @@ def random_attention_cases(count: int, seed: int = 0) -> list[dict]:
                 spare=rng.choice([0, 0, 0, 3]),  # preallocated cache slots past the valid keys
                 head_dim=rng.choice([1, 3, 8, 16, 17, 32, 64]),
                 alibi=index % 3 == 0,
+                masked=index % 4 == 1,
                 scale=None if index % 5 else rng.uniform(0.05, 1.0),
                 seed=index,
             )
         )
     return cases
+
+
+def key_mask_for(case: dict):
+    """int32 [batch, kv_capacity] for a `masked` case, else None: random left padding per row (which can hide
+    every key an early query sees), sometimes a hole, and random values in the unused slots."""
+    if not case.get("masked"):
+        return None
+    rng = np.random.default_rng(case["seed"] + 1000)
+    total = case["past_len"] + case["q_len"]
+    mask = rng.integers(0, 2, (case["batch"], total + case["spare"])).astype(np.int32)
+    mask[:, :total] = 1
+    for row in range(case["batch"]):
+        mask[row, : rng.integers(0, total)] = 0
+        if total > 2 and rng.random() < 0.3:
+            mask[row, rng.integers(0, total)] = 0
+    return mask

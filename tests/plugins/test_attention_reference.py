@@ -5,18 +5,18 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from plugins import AttentionInputError, attention_reference
-from tests.plugins.cases import random_attention_cases
+from plugins.reference import sdpa_reference as sdpa_attention
+from tests.plugins.cases import key_mask_for, random_attention_cases
 
 CASES = random_attention_cases(240)
 FP32_TOLERANCE = 1e-5
 
 
 def case_id(case: dict) -> str:
-    return "b{batch}h{heads}kv{kv_heads}q{q_len}p{past_len}s{spare}d{head_dim}{alibi}".format(
-        **{**case, "alibi": "-alibi" if case["alibi"] else ""}
+    return "b{batch}h{heads}kv{kv_heads}q{q_len}p{past_len}s{spare}d{head_dim}{alibi}{masked}".format(
+        **{**case, "alibi": "-alibi" if case["alibi"] else "", "masked": "-masked" if case["masked"] else ""}
     )
 
 
@@ -33,28 +33,16 @@ def make_inputs(case: dict, dtype=torch.float32):
     return q.to(dtype), k.to(dtype), v.to(dtype), slopes
 
 
-def sdpa_attention(q, k, v, past_len, slopes, scale):
-    """The same contract through torch's SDPA: explicit causal + ALiBi mask, GQA by enable_gqa."""
-    total = past_len + q.shape[2]
-    q_pos = past_len + torch.arange(q.shape[2])[:, None]
-    k_pos = torch.arange(total)[None, :]
-    bias = torch.zeros(q.shape[1], q.shape[2], total, dtype=q.dtype)
-    if slopes is not None:
-        bias = bias + slopes[:, None, None].to(q.dtype) * (k_pos - q_pos).to(q.dtype)
-    bias = bias.masked_fill(k_pos > q_pos, -math.inf)
-    return F.scaled_dot_product_attention(
-        q, k[:, :, :total], v[:, :, :total], attn_mask=bias, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cpu_op_and_numpy_reference_match_sdpa(case, torch_op):
     q, k, v, slopes = make_inputs(case)
-    past_len, scale = case["past_len"], case["scale"]
-    expected = sdpa_attention(q, k, v, past_len, slopes, scale)
+    past_len, scale, mask = case["past_len"], case["scale"], key_mask_for(case)
+    expected = sdpa_attention(q, k, v, past_len, slopes, scale, mask)
 
-    got_op = torch_op(q, k, v, past_len, slopes, scale)
-    got_numpy = attention_reference(q.numpy(), k.numpy(), v.numpy(), past_len, None if slopes is None else slopes.numpy(), scale)
+    got_op = torch_op(q, k, v, past_len, slopes, scale, None if mask is None else torch.from_numpy(mask))
+    got_numpy = attention_reference(
+        q.numpy(), k.numpy(), v.numpy(), past_len, None if slopes is None else slopes.numpy(), scale, mask
+    )
 
     assert got_op.shape == q.shape and got_op.dtype == torch.float32
     assert (got_op - expected).abs().max().item() <= FP32_TOLERANCE
@@ -69,6 +57,20 @@ def test_cases_cover_the_contract_edges():
     assert {c["heads"] // c["kv_heads"] for c in CASES} >= {1, 2, 3, 4}
     assert any(c["alibi"] and c["heads"] != c["kv_heads"] for c in CASES)
     assert any(c["head_dim"] % 2 and c["q_len"] % 2 for c in CASES)
+    masks = [key_mask_for(c) for c in CASES if c["masked"]]
+    assert len(masks) >= 50
+    # Some queries see no key at all (their row's padding covers everything up to them).
+    assert any((m[:, :1] == 0).any() for m in masks)
+
+
+def test_a_query_that_sees_no_key_gets_zeros(torch_op):
+    q, k, v, _ = make_inputs(dict(batch=2, heads=2, kv_heads=1, q_len=4, past_len=0, spare=0, head_dim=8, seed=9))
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.int32)
+    got = torch_op(q, k, v, 0, key_mask=mask)
+    assert torch.equal(got[0, :, :2], torch.zeros(2, 2, 8))
+    assert got[0, :, 2:].abs().sum() > 0 and not got.isnan().any()
+    numpy_got = attention_reference(q.numpy(), k.numpy(), v.numpy(), 0, key_mask=mask.numpy())
+    assert np.array_equal(numpy_got[0, :, :2], np.zeros((2, 2, 8), np.float32))
 
 
 def test_unused_cache_slots_are_never_read(torch_op):
@@ -93,8 +95,10 @@ def test_opcheck(torch_op):
         make_inputs(dict(batch=2, heads=4, kv_heads=2, q_len=3, past_len=0, spare=0, head_dim=8, seed=3, alibi=True)) + (0,),
         make_inputs(dict(batch=1, heads=3, kv_heads=1, q_len=1, past_len=6, spare=2, head_dim=5, seed=4, alibi=False)) + (6,),
     ]
-    for q, k, v, slopes, past_len in samples:
-        torch.library.opcheck(torch_op.default, (q, k, v, past_len), {"alibi_slopes": slopes, "scale": 0.3})
+    masks = [torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.int32), None]
+    for (q, k, v, slopes, past_len), mask in zip(samples, masks):
+        kwargs = {"alibi_slopes": slopes, "scale": 0.3, "key_mask": mask}
+        torch.library.opcheck(torch_op.default, (q, k, v, past_len), kwargs)
 
 
 def test_fake_op_gives_the_output_shape_without_running(torch_op):

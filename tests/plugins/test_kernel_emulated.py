@@ -16,7 +16,7 @@ import pytest
 from plugins import attention_reference
 from plugins import tensorrt_plugin as trt_plugin
 from plugins.build import KERNEL_SOURCE
-from tests.plugins.cases import random_attention_cases
+from tests.plugins.cases import key_mask_for, random_attention_cases
 
 EMULATION_DIR = Path(__file__).parent / "gpu_emulation"
 # Few and small: every GPU thread is an OS thread here.
@@ -42,14 +42,14 @@ def emulated_kernel(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
-def run_kernel(lib, dtype, q, k, v, slopes, past_len, scale):
+def run_kernel(lib, dtype, q, k, v, slopes, past_len, scale, mask=None):
     out = np.full_like(q, np.nan)
     batch, heads, q_len, head_dim = q.shape
     _, kv_heads, kv_capacity, _ = k.shape
     pointer = lambda array: None if array is None else array.ctypes.data_as(ctypes.c_void_p)
     entry = lib.emulate_f32 if dtype == np.float32 else lib.emulate_f16
     ints = [batch, heads, kv_heads, q_len, kv_capacity, past_len, head_dim, trt_plugin.scale_bits(scale or 0.0)]
-    entry(pointer(q), pointer(k), pointer(v), pointer(slopes), *map(ctypes.c_int, ints), pointer(out))
+    entry(pointer(q), pointer(k), pointer(v), pointer(mask), pointer(slopes), *map(ctypes.c_int, ints), pointer(out))
     return out
 
 
@@ -67,13 +67,15 @@ def test_cases_cross_tiles_and_blocks():
     assert any(c["past_len"] + c["q_len"] > trt_plugin.TILE_KEYS for c in CASES)
     assert any(c["q_len"] > trt_plugin.ROWS_PER_BLOCK for c in CASES)
     assert any(c["heads"] != c["kv_heads"] and c["alibi"] for c in CASES)
+    assert any(c["masked"] and c["past_len"] + c["q_len"] > trt_plugin.TILE_KEYS for c in CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{batch}h{heads}kv{kv_heads}q{q_len}p{past_len}d{head_dim}".format(**c))
 def test_fp32_kernel_matches_reference(case, emulated_kernel):
     q, k, v, slopes = random_inputs(case, np.float32)
-    got = run_kernel(emulated_kernel, np.float32, q, k, v, slopes, case["past_len"], case["scale"])
-    expected = attention_reference(q, k, v, case["past_len"], slopes, case["scale"])
+    mask = key_mask_for(case)
+    got = run_kernel(emulated_kernel, np.float32, q, k, v, slopes, case["past_len"], case["scale"], mask)
+    expected = attention_reference(q, k, v, case["past_len"], slopes, case["scale"], mask)
     assert np.abs(got - expected).max() <= 1e-5
 
 

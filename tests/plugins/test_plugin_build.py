@@ -15,7 +15,7 @@ import pytest
 
 from plugins import PluginBuildError, attention_reference, build
 from plugins.build import main
-from tests.plugins.cases import random_attention_cases
+from tests.plugins.cases import key_mask_for, random_attention_cases
 
 # `plugins.build` is also the name of the function that plugins/__init__.py exports.
 build_module = importlib.import_module("plugins.build")
@@ -72,15 +72,16 @@ def test_cpu_library_runs_the_reference_without_torch(tmp_path):
         q = rng.standard_normal((case["batch"], case["heads"], case["q_len"], case["head_dim"]), dtype=np.float32)
         k, v = (rng.standard_normal((case["batch"], case["kv_heads"], capacity, case["head_dim"]), dtype=np.float32) for _ in "kv")
         slopes = rng.uniform(0.01, 0.5, case["heads"]).astype(np.float32) if case["alibi"] else None
+        mask = key_mask_for(case)
         out = np.empty_like(q)
         pointer = lambda array: None if array is None else array.ctypes.data_as(ctypes.c_void_p)
         sizes = [case[n] for n in ("batch", "heads", "kv_heads", "q_len")] + [capacity, case["past_len"], case["head_dim"]]
         status = entry(
-            pointer(q), pointer(k), pointer(v), pointer(slopes), *map(ctypes.c_int64, sizes),
+            pointer(q), pointer(k), pointer(v), pointer(mask), pointer(slopes), *map(ctypes.c_int64, sizes),
             ctypes.c_float(case["scale"] or 0.0), pointer(out),
         )
         assert status == 0
-        expected = attention_reference(q, k, v, case["past_len"], slopes, case["scale"])
+        expected = attention_reference(q, k, v, case["past_len"], slopes, case["scale"], mask)
         assert np.abs(out - expected).max() <= 1e-5
 
 

@@ -125,7 +125,7 @@ def test_unknown_dims_pass_the_build_time_check():
 
 def test_output_is_described_like_the_query_and_kernel_follows_dtype():
     query = TensorDescStandIn((SymDim("b"), 8, SymDim("q"), 64), "float16")
-    trt_plugin.check_dtypes("float16", "float16", "float16", "float32")
+    trt_plugin.check_dtypes("float16", "float16", "float16", "int32", "float32")
     out = query.like()
     assert out.shape_expr == query.shape_expr and out.dtype == "float16"
     assert trt_plugin.kernel_name("float16") == "kiln_causal_attention_f16"
@@ -134,7 +134,12 @@ def test_output_is_described_like_the_query_and_kernel_follows_dtype():
 
 @pytest.mark.parametrize(
     "dtypes, message",
-    [(("float16", "float32", "float16", "float32"), "all float32 or all float16"), (("float32",) * 3 + ("float16",), "float32 alibi_slopes"), (("bfloat16",) * 3 + ("float32",), "all float32")],
+    [
+        (("float16", "float32", "float16", "int32", "float32"), "all float32 or all float16"),
+        (("float32",) * 3 + ("int32", "float16"), "float32 alibi_slopes"),
+        (("float32",) * 3 + ("int64", "float32"), "int32 key_mask"),
+        (("bfloat16",) * 3 + ("int32", "float32"), "all float32"),
+    ],
 )
 def test_mixed_dtypes_are_rejected(dtypes, message):
     with pytest.raises(AttentionInputError, match=message):
@@ -143,7 +148,8 @@ def test_mixed_dtypes_are_rejected(dtypes, message):
 
 def test_type_combinations_cover_every_io():
     positions = [p.strip() for p in trt_plugin.IO_TYPES.split(",")]
-    assert positions == ["FP32|FP16", "FP32|FP16", "FP32|FP16", "FP32", "FP32|FP16"]  # q, k, v, slopes, out
+    # q, k, v, key_mask, slopes, out: every position lists the same number of alternatives
+    assert positions == ["FP32|FP16", "FP32|FP16", "FP32|FP16", "INT32|INT32", "FP32|FP32", "FP32|FP16"]
 
 
 def test_aot_ptx_exports_the_kernel_names(cuda_binaries):
@@ -152,7 +158,7 @@ def test_aot_ptx_exports_the_kernel_names(cuda_binaries):
         # The AOT ABI: input pointers, then int32 scalars, then the output pointer.
         params = re.search(rf"\.entry {name}\((.*?)\)", ptx, re.S).group(1)
         kinds = re.findall(r"\.param \.(u64|u32)", params)
-        assert kinds == ["u64"] * 4 + ["u32"] * 7 + ["u64"]
+        assert kinds == ["u64"] * 5 + ["u32"] * 7 + ["u64"]
 
 
 @pytest.fixture
@@ -160,7 +166,7 @@ def registered(monkeypatch):
     """register() run against a stand-in tensorrt.plugin that records the decorated functions."""
     trt = types.ModuleType("tensorrt")
     trtp = types.ModuleType("tensorrt.plugin")
-    trt.plugin, trt.float32, trt.float16 = trtp, "trt.float32", "trt.float16"
+    trt.plugin, trt.float32, trt.float16, trt.int32 = trtp, "trt.float32", "trt.float16", "trt.int32"
 
     class KernelLaunchParams:
         grid_x = grid_y = grid_z = block_x = block_y = block_z = 1
@@ -189,13 +195,13 @@ def registered(monkeypatch):
 def test_registered_signatures_follow_tensorrt_plugin_rules(registered):
     assert set(registered) == {"register", "autotune", "aot_impl"}
     describe = inspect.signature(registered["register"])
-    assert list(describe.parameters) == ["query", "key", "value", "alibi_slopes", "scale"]
+    assert list(describe.parameters) == ["query", "key", "value", "key_mask", "alibi_slopes", "scale"]
     assert describe.parameters["scale"].annotation is float and describe.parameters["scale"].default is inspect.Parameter.empty
     assert describe.return_annotation is TensorDescStandIn
-    assert list(inspect.signature(registered["autotune"]).parameters) == ["query", "key", "value", "alibi_slopes", "outputs"]
+    assert list(inspect.signature(registered["autotune"]).parameters) == ["query", "key", "value", "key_mask", "alibi_slopes", "outputs"]
     assert typing.get_origin(inspect.signature(registered["autotune"]).return_annotation) is list
     aot = inspect.signature(registered["aot_impl"])
-    assert list(aot.parameters) == ["query", "key", "value", "alibi_slopes", "scale", "outputs", "tactic"]
+    assert list(aot.parameters) == ["query", "key", "value", "key_mask", "alibi_slopes", "scale", "outputs", "tactic"]
     assert typing.get_origin(aot.parameters["outputs"].annotation) is tuple
     assert typing.get_origin(aot.return_annotation) is tuple and len(typing.get_args(aot.return_annotation)) == 4
 
@@ -203,15 +209,16 @@ def test_registered_signatures_follow_tensorrt_plugin_rules(registered):
 def test_registered_functions_describe_tune_and_launch(registered):
     query = TensorDescStandIn((2, 8, 3, 64), "trt.float16")
     key = TensorDescStandIn((2, 2, 10, 64), "trt.float16")
+    mask = TensorDescStandIn((2, 10), "trt.int32")
     slopes = TensorDescStandIn((8,), "trt.float32")
-    out = registered["register"](query, key, key, slopes, 0.0)
+    out = registered["register"](query, key, key, mask, slopes, 0.0)
     assert out.shape_expr == query.shape_expr and out.dtype == "trt.float16"
     with pytest.raises(AttentionInputError, match="all float32 or all float16"):
-        registered["register"](query, TensorDescStandIn((2, 2, 10, 64), "trt.float32"), key, slopes, 0.0)
-    (combination,) = registered["autotune"](query, key, key, slopes, (out,))
+        registered["register"](query, TensorDescStandIn((2, 2, 10, 64), "trt.float32"), key, mask, slopes, 0.0)
+    (combination,) = registered["autotune"](query, key, key, mask, slopes, (out,))
     assert combination.io_types == trt_plugin.IO_TYPES
 
-    name, ptx, params, args = registered["aot_impl"](query, key, key, slopes, 0.0, (out,), 0)
+    name, ptx, params, args = registered["aot_impl"](query, key, key, mask, slopes, 0.0, (out,), 0)
     assert (name, ptx) == (b"kiln_causal_attention_f16", b"// ptx")
     assert (params.grid_x, params.grid_y, params.block_x, params.block_y, params.shared_mem) == (16, 1, 32, 4, 8192)
     assert list(args) == [8, 2, 3, 10, 7, 64, 0]

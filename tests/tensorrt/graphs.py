@@ -32,5 +32,5 @@ def contract_graph(extra_nodes=()):
 
 def attention_node(name="attn0", **attributes):
     return helper.make_node(
-        "CausalAttention", ["q", "k", "v", "slopes"], [f"{name}_out"], name=name, domain="kiln", scale=0.0, **attributes
+        "CausalAttention", ["q", "k", "v", "key_mask", "slopes"], [f"{name}_out"], name=name, domain="kiln", scale=0.0, **attributes
     )
