@@ -113,6 +113,7 @@ FUSED_OPS = {
     "com.microsoft::SkipLayerNormalization", "com.microsoft::SkipSimplifiedLayerNormalization",
     "com.microsoft::SimplifiedLayerNormalization", "SimplifiedLayerNormalization", "com.microsoft::RotaryEmbedding",
     "com.microsoft::FastGelu", "com.microsoft::BiasGelu", "com.microsoft::Gelu", "com.microsoft::FusedMatMul",
+    "kiln::CausalAttention",
 }
 QUANTIZED_OPS = {
     "MatMulInteger", "DynamicQuantizeLinear", "com.microsoft::DynamicQuantizeMatMul", "com.microsoft::MatMulNBits",

@@ -57,3 +57,11 @@ def reference():
         return loaded[engine]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def torch_op():
+    """kiln::causal_attention, built once per session (cached across sessions under build/plugins/)."""
+    from plugins import load_torch_op
+
+    return load_torch_op()

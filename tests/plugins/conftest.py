@@ -1,18 +1,10 @@
-"""Fixtures of the plugin tests: the PyTorch op and the CUDA binaries, built once per session."""
+"""Fixtures of the plugin tests: the CUDA binaries, built once per session."""
 
 import shutil
 
 import pytest
 
 from plugins.build import build
-
-
-@pytest.fixture(scope="session")
-def torch_op():
-    """kiln::causal_attention, built once per session (cached across sessions under build/plugins/)."""
-    from plugins import load_torch_op
-
-    return load_torch_op()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,340 @@
+"""Replace each layer's exported attention with torchkiln's own plugin node, kiln::CausalAttention.
+
+For runtimes that host the plugin (TensorRT, through plugins/tensorrt_plugin.py). The dynamo export
+computes attention, in every family, as
+
+    MatMul(q * s1, K' * s2) [* s3] [+ bias]... -> Softmax [-> Where(IsNaN)] [-> Reshape] -> MatMul(., V')
+
+where K' and V' are the layer's `present.N.key` / `present.N.value` outputs, reshaped, expanded over
+grouped-query heads or transposed, and the biases are the causal and padding mask (plus ALiBi for BLOOM).
+The walk below finds q, the present key and value and the product of the scalar scales; the plugin then
+takes q (viewed as [batch, heads, q_len, head_dim]), the present cache, `attention_mask` as its key mask,
+and the family's ALiBi slopes. onnxscript's pattern rewriter is not used: one pattern per family and
+layout (4-D SDPA, BLOOM's 3-D baddbmm, GQA expansion) would be longer than this walk.
+
+The pass then checks itself: the graph before and after, on a left-padded batch with a cache, must give
+the same logits and cache within `tolerance` (the original through ONNX Runtime, the replaced one through
+onnx.reference with the plugin computed by plugins.reference, in Python).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from optimizers.recipe import PassContext
+
+DOMAIN = "kiln"
+OP_TYPE = "CausalAttention"
+# Targets whose runtime runs kiln::CausalAttention; ONNX Runtime has no kernel for it (no custom-op
+# library can be built against the ONNX Runtime wheel, which ships no headers).
+PLUGIN_TARGETS = ("tensorrt",)
+# Which biases the exported scores carry, per family: the plugin rebuilds exactly these.
+FAMILY_BIASES = {"gpt2": "causal + padding", "llama": "causal + padding", "bloom": "causal + padding + ALiBi"}
+UNSUPPORTED = {
+    "gpt-neo": "GPT-Neo's local layers mask a sliding window, which the plugin does not take",
+}
+_CACHE_OUTPUT = re.compile(r"present\.(\d+)\.(key|value)")
+_VIEW_OPS = ("Reshape", "Expand", "Unsqueeze", "Transpose")
+
+
+class NoMatch(Exception):
+    """This Softmax is not the attention the plugin computes; the message says where the walk stopped."""
+
+
+def kiln_attention(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
+    target = context.target
+    if target not in PLUGIN_TARGETS and not context.option("kiln_attention", "any_target", False):
+        raise ValueError(
+            f"kiln::CausalAttention runs on {', '.join(PLUGIN_TARGETS)} engines only; target {target!r} has no kernel for it"
+        )
+    family = context.family or ""
+    if family not in FAMILY_BIASES:
+        reason = UNSUPPORTED.get(family, f"no attention recipe for family {family!r}")
+        return model, {"replaced": 0, "skipped": {"*": reason}}
+    if context.facts is None:
+        raise ValueError("kiln_attention needs the model's head count (PassContext.facts)")
+    heads = context.facts.heads
+    original = ir.to_proto(model).SerializeToString() if context.option("kiln_attention", "check", True) else None
+
+    caches = {v.name: v for v in model.graph.outputs if v.name and _CACHE_OUTPUT.fullmatch(v.name)}
+    inputs = {v.name: v for v in model.graph.inputs}
+    shared: dict[str, ir.Value] = {}
+    replaced, skipped = 0, {}
+    for node in list(model.graph):
+        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            match = _match(node, caches)
+        except NoMatch as why:
+            skipped[node.name or f"Softmax#{len(skipped)}"] = str(why)
+            continue
+        if not shared:
+            shared = _shared_inputs(model, inputs["attention_mask"], heads, family)
+        _replace(model, match, heads, shared)
+        replaced += 1
+    if replaced:
+        model.opset_imports[DOMAIN] = 1
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    details = {"replaced": replaced, "biases": FAMILY_BIASES[family]}
+    if skipped:
+        details["skipped"] = skipped
+    if replaced and original is not None:
+        error = parity_error(original, model, context)
+        tolerance = context.option("kiln_attention", "tolerance", 1e-4)
+        details["parity_max_abs_error"] = error
+        if not error <= tolerance:
+            raise ValueError(f"the graph with kiln::CausalAttention differs from the exported one by {error:.3g} (> {tolerance})")
+    return model, details
+
+
+class _Match:
+    def __init__(self, query, key, value, scale, output):
+        self.query, self.key, self.value, self.scale, self.output = query, key, value, scale, output
+
+
+def _match(softmax: ir.Node, caches: dict[str, ir.Value]) -> _Match:
+    probabilities = _after_nan_guard(softmax.outputs[0])
+    product = _single_consumer(probabilities, skip=("Reshape",))
+    if product.op_type != "MatMul" or product.inputs[0] is not _last_view(probabilities, product):
+        raise NoMatch(f"the probabilities feed {product.op_type}, not MatMul(probabilities, value)")
+    value, _ = _walk_to_cache(product.inputs[1], caches, "value")
+
+    scale, scores = 1.0, softmax.inputs[0]
+    while True:
+        node = scores.producer()
+        if node is None:
+            raise NoMatch("the scores come from a graph input")
+        if node.op_type == "MatMul":
+            break
+        scaled = _scaling(node)
+        if node.op_type == "Reshape":
+            scores = node.inputs[0]
+        elif scaled is not None:
+            scores, factor = scaled
+            scale *= factor
+        elif node.op_type == "Add":
+            # One side leads back to the q.K product; the other is a bias (mask, ALiBi) that the plugin rebuilds.
+            paths = [i for i in node.inputs if _reaches_matmul(i)]
+            if len(paths) != 1:
+                raise NoMatch("an Add before Softmax has no single path back to the q.K product")
+            scores = paths[0]
+        else:
+            raise NoMatch(f"{node.op_type} {node.name!r} sits between the q.K product and Softmax")
+    query, q_scale = _strip_scales(node.inputs[0])
+    key, k_scale = _walk_to_cache(node.inputs[1], caches, "key")
+    if key.name.split(".")[1] != value.name.split(".")[1]:
+        raise NoMatch(f"key {key.name} and value {value.name} belong to different layers")
+    return _Match(query, key, value, scale * q_scale * k_scale, product.outputs[0])
+
+
+def _after_nan_guard(probabilities: ir.Value) -> ir.Value:
+    """SDPA's export maps NaN rows (no visible key) to 0: Where(IsNaN(p), 0, p). The plugin gives 0 there too."""
+    users = {use.node.op_type: use.node for use in probabilities.uses()}
+    if set(users) == {"IsNaN", "Where"}:
+        return users["Where"].outputs[0]
+    return probabilities
+
+
+def _single_consumer(value: ir.Value, skip=()) -> ir.Node:
+    while True:
+        uses = list(value.uses())
+        if len(uses) != 1:
+            raise NoMatch(f"{value.name} has {len(uses)} consumers")
+        node = uses[0].node
+        if node.op_type not in skip:
+            return node
+        value = node.outputs[0]
+
+
+def _last_view(value: ir.Value, consumer: ir.Node) -> ir.Value:
+    """The value `consumer` reads when it reads `value` through Reshapes."""
+    while value.uses() and list(value.uses())[0].node is not consumer:
+        value = list(value.uses())[0].node.outputs[0]
+    return value
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(tensor.numpy().reshape(()))
+
+
+def _scaling(node: ir.Node) -> tuple[ir.Value, float] | None:
+    """(the scaled input, the factor) when `node` multiplies or divides by a scalar constant, else None."""
+    if node.op_type == "Div" and _scalar(node.inputs[1]) is not None:
+        return node.inputs[0], 1.0 / _scalar(node.inputs[1])
+    if node.op_type == "Mul":
+        for mine, other in ((1, 0), (0, 1)):
+            if _scalar(node.inputs[mine]) is not None:
+                return node.inputs[other], _scalar(node.inputs[mine])
+    return None
+
+
+def _strip_scales(value: ir.Value) -> tuple[ir.Value, float]:
+    scale = 1.0
+    while (node := value.producer()) is not None and (scaled := _scaling(node)) is not None:
+        value, factor = scaled
+        scale *= factor
+    return value, scale
+
+
+def _walk_to_cache(value: ir.Value, caches: dict[str, ir.Value], kind: str) -> tuple[ir.Value, float]:
+    """Follow views (and scalar scales) of the key or value back to the layer's present.N.<kind> output."""
+    scale = 1.0
+    while value.name not in caches:
+        node = value.producer()
+        scaled = _scaling(node) if node is not None else None
+        if scaled is not None:
+            value, factor = scaled
+            scale *= factor
+        elif node is not None and node.op_type in _VIEW_OPS:
+            value = node.inputs[0]
+        else:
+            raise NoMatch(f"the attention {kind} does not come from a present.N.{kind} output")
+    if not value.name.endswith(kind):
+        raise NoMatch(f"the attention {kind} comes from {value.name}")
+    return value, scale
+
+
+def _reaches_matmul(value: ir.Value, depth: int = 8) -> bool:
+    node = value.producer()
+    if node is None or depth == 0:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type in ("Reshape", "Mul", "Div", "Add"):
+        return _reaches_matmul(node.inputs[0], depth - 1) or (
+            node.op_type == "Add" and _reaches_matmul(node.inputs[1], depth - 1)
+        )
+    return False
+
+
+def alibi_slopes(heads: int) -> np.ndarray:
+    """BLOOM's ALiBi slopes (transformers' build_alibi_tensor): a geometric series per power of two of heads."""
+    closest = 2 ** math.floor(math.log2(heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base**power for power in range(1, closest + 1)]
+    if closest != heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra_base**power for power in range(1, 1 + 2 * min(closest, heads - closest), 2)]
+    return np.array(slopes, dtype=np.float32)
+
+
+def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value.const_value = ir.tensor(array, name=name)
+    model.graph.register_initializer(value)
+    return value
+
+
+def _shared_inputs(model: ir.Model, attention_mask: ir.Value, heads: int, family: str) -> dict[str, ir.Value]:
+    """The key mask, the slopes and the [-1, heads] head of the query's 4-D shape, made once for all layers.
+
+    BLOOM positions keys by the running count of unmasked tokens; the plugin by their index. Under left
+    padding the two differ by a constant per row, which softmax cancels.
+    """
+    cast = ir.node("Cast", [attention_mask], attributes={"to": ir.DataType.INT32}, name="kiln_attention/key_mask")
+    model.graph.insert_before(next(iter(model.graph)), cast)
+    slopes = alibi_slopes(heads) if family == "bloom" else np.zeros(heads, np.float32)
+    return {
+        "key_mask": cast.outputs[0],
+        "slopes": _constant(model, "kiln_attention.alibi_slopes", slopes),
+        "heads": _constant(model, "kiln_attention.batch_heads", np.array([-1, heads], np.int64)),
+    }
+
+
+def _replace(model: ir.Model, match: _Match, heads: int, shared: dict[str, ir.Value]) -> None:
+    """q viewed as [batch, heads, q_len, head_dim] (BLOOM's is [batch * heads, q_len, head_dim]) -> plugin -> q's layout."""
+    layer = match.key.name.split(".")[1]
+    name = f"kiln_attention/layer{layer}"
+    consumer = match.output.producer()
+    last_two = ir.node("Shape", [match.query], attributes={"start": -2}, name=f"{name}/q_tail")
+    shape = ir.node("Concat", [shared["heads"], last_two.outputs[0]], attributes={"axis": 0}, name=f"{name}/q_shape")
+    query = ir.node("Reshape", [match.query, shape.outputs[0]], name=f"{name}/q_4d")
+    attention = ir.node(
+        OP_TYPE, [query.outputs[0], match.key, match.value, shared["key_mask"], shared["slopes"]],
+        attributes={"scale": float(match.scale)}, domain=DOMAIN, name=name,
+    )
+    q_shape = ir.node("Shape", [match.query], name=f"{name}/out_shape")
+    out = ir.node("Reshape", [attention.outputs[0], q_shape.outputs[0]], name=f"{name}/out")
+    model.graph.insert_before(consumer, [last_two, shape, query, attention, q_shape, out])
+    ir.convenience.replace_all_uses_with(match.output, out.outputs[0])
+
+
+def reference_evaluator(model: ir.Model | bytes, implementation: str = "numpy"):
+    """onnx.reference.ReferenceEvaluator for a graph with kiln::CausalAttention nodes; the plugin is computed
+    by the NumPy reference ("numpy") or by the C++ CPU kernel through the PyTorch op ("torch")."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    from plugins.reference import attention_reference
+
+    def compute(query, key, value, key_mask, slopes, scale):
+        past_len = key.shape[2] - query.shape[2]
+        slopes = slopes if np.any(slopes) else None
+        if implementation == "numpy":
+            return attention_reference(query, key, value, past_len, slopes, scale or None, key_mask)
+        import torch
+
+        from plugins import load_torch_op
+
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (query, key, value)]
+        mask = torch.from_numpy(np.ascontiguousarray(key_mask))
+        slopes = None if slopes is None else torch.from_numpy(np.array(slopes))
+        return load_torch_op()(*tensors, past_len, slopes, scale or None, mask).numpy()
+
+    class CausalAttention(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, query, key, value, key_mask, alibi_slopes, scale=None):
+            return (compute(query, key, value, key_mask, alibi_slopes, scale),)
+
+    proto = model if isinstance(model, bytes) else ir.to_proto(model).SerializeToString()
+    import onnx
+
+    return ReferenceEvaluator(onnx.load_from_string(proto), new_ops=[CausalAttention])
+
+
+def parity_feeds(model: ir.Model, facts, padding=(2, 0), new: int = 3, past: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens and cache for a batch of len(padding) rows, each left-padded by that many of its
+    past + new positions (so a padded row's first queries see no key)."""
+    rng = np.random.default_rng(seed)
+    batch, total = len(padding), past + new
+    mask = np.array([[0] * pad + [1] * (total - pad) for pad in padding], np.int64)
+    feeds = {
+        "input_ids": rng.integers(0, max(facts.vocab_size, 2), (batch, new)).astype(np.int64),
+        "attention_mask": mask,
+        "position_ids": np.maximum(mask.cumsum(axis=1) - 1, 0)[:, past:],
+    }
+    for value in model.graph.inputs:
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = rng.standard_normal((batch, facts.kv_heads, past, facts.head_dim)).astype(np.float32)
+    return {v.name: feeds[v.name] for v in model.graph.inputs}
+
+
+def parity_error(original: bytes, replaced: ir.Model, context: PassContext, feeds=None, implementation: str = "numpy") -> float:
+    """Largest absolute difference between the graphs' outputs, over the positions that hold real tokens.
+
+    Left-padding rows are left out: what a graph computes for a query that sees no key differs (zeros
+    here, BLOOM's export averages every value), and those positions never reach a real token's output.
+    """
+    import onnxruntime
+
+    feeds = parity_feeds(replaced, context.facts) if feeds is None else feeds
+    session = onnxruntime.InferenceSession(original, providers=["CPUExecutionProvider"])
+    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    evaluator = reference_evaluator(replaced, implementation)
+    got = dict(zip(evaluator.output_names, evaluator.run(None, feeds)))
+    real_new = feeds["attention_mask"][:, -feeds["input_ids"].shape[1]:].astype(bool)  # [batch, new]
+    real_all = feeds["attention_mask"].astype(bool)  # [batch, total]
+    worst = 0.0
+    for name, want in expected.items():
+        keep = real_new if name == "logits" else real_all
+        axis = 1 if name == "logits" else 2
+        diff = np.abs(np.moveaxis(got[name], axis, 1)[keep] - np.moveaxis(want, axis, 1)[keep])
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+    return worst
