@@ -22,6 +22,7 @@ help:
 	@echo "make plugins-cuda  build the attention kernel: cubin for $(CUDA_ARCHS) (nvcc)"
 	@echo "make plugins-rocm  build the attention kernel for $(ROCM_ARCH) (hipcc, installed from Debian if missing)"
 	@echo "make plugins-cpu   build the C++ reference: a plain library and the kiln::causal_attention torch op"
+	@echo "make plugins-torch-cuda  compile the torch op's GPU half against torch's headers (a check; no GPU needed)"
 	@echo "make cpu       convert MODEL=$(MODEL) for ONNX Runtime on the CPU (PRECISION=$(PRECISION)) into build/, verified"
 	@echo "make aoti      the same as an AOTInductor package for the CPU"
 	@echo "make cuda      the same for ONNX Runtime's CUDA provider (needs an NVIDIA GPU)"

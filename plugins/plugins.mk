@@ -8,9 +8,9 @@ SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 # module was imported before it ran; harmless, and silenced here.
 PLUGIN_BUILD = $(BIN)/python -W ignore::RuntimeWarning:runpy -m plugins.build
 
-.PHONY: plugins plugins-cuda plugins-rocm plugins-cpu
+.PHONY: plugins plugins-cuda plugins-rocm plugins-cpu plugins-torch-cuda
 
-plugins: plugins-cuda plugins-rocm plugins-cpu
+plugins: plugins-cuda plugins-rocm plugins-cpu plugins-torch-cuda
 
 # cubin for each sm_XX and PTX for each compute_XX (the PTX is what the TensorRT plugin embeds).
 plugins-cuda: install
@@ -25,3 +25,13 @@ plugins-rocm: install
 plugins-cpu: install
 	$(PLUGIN_BUILD) cpu
 	$(BIN)/python -c "import plugins; print('torch op ready:', plugins.load_torch_op())"
+
+# The PyTorch op's GPU half (torch_op_cuda.cu) compiled, not linked, against this torch's headers, so that
+# a break on the host side fails CI too; where a GPU is, torch.utils.cpp_extension builds it for real.
+# The CPU wheel of torch lacks one generated header (cuda_cmake_macros.h): an empty stand-in takes its place.
+TORCH_STUB = build/plugins/torch-stub
+plugins-torch-cuda: install
+	mkdir -p $(TORCH_STUB)/c10/cuda/impl && touch $(TORCH_STUB)/c10/cuda/impl/cuda_cmake_macros.h
+	nvcc -c -std=c++20 -O3 -arch=sm_90 -I$(TORCH_STUB) \
+	  $$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))") \
+	  -o build/plugins/torch_op_cuda.o plugins/attention/torch_op_cuda.cu

@@ -23,8 +23,7 @@ PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 PLUGIN_VERSION = "1"
 
 # These mirror the #defines of plugins/attention/causal_attention.cu (a test checks they agree).
-ROWS_PER_BLOCK = 4
-TILE_KEYS = 16
+ROWS_PER_BLOCK = 8
 MAX_HEAD_DIM = 256
 CUDA_WARP_SIZE = 32
 FLOAT_BYTES = 4
@@ -57,7 +56,8 @@ def launch_geometry(query_shape, warp_size: int = CUDA_WARP_SIZE) -> LaunchGeome
         grid_y=cdiv(q_len, ROWS_PER_BLOCK),
         block_x=warp_size,
         block_y=ROWS_PER_BLOCK,
-        shared_mem=head_dim * (2 * TILE_KEYS * FLOAT_BYTES),  # key and value tiles, in float
+        # KILN_SHARED_FLOATS: query rows and per-warp accumulators in float, plus a (max, sum) per warp
+        shared_mem=head_dim * (2 * ROWS_PER_BLOCK * FLOAT_BYTES) + 2 * ROWS_PER_BLOCK * FLOAT_BYTES,
     )
 
 

@@ -35,7 +35,7 @@ at::Tensor causal_attention_cuda(const at::Tensor& query, const at::Tensor& key,
     const dim3 grid(static_cast<unsigned>(s.batch * s.heads),
                     static_cast<unsigned>((s.q_len + KILN_ROWS_PER_BLOCK - 1) / KILN_ROWS_PER_BLOCK));
     const dim3 block(KILN_WARP_SIZE, KILN_ROWS_PER_BLOCK);
-    const size_t shared = 2 * KILN_TILE_KEYS * s.head_dim * sizeof(float);
+    const size_t shared = KILN_SHARED_FLOATS(s.head_dim) * sizeof(float);
     const float scale_value = static_cast<float>(scale.value_or(0.0));
     int scale_bits;
     std::memcpy(&scale_bits, &scale_value, sizeof scale_bits);

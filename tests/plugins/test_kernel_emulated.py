@@ -20,7 +20,12 @@ from tests.plugins.cases import key_mask_for, random_attention_cases
 
 EMULATION_DIR = Path(__file__).parent / "gpu_emulation"
 # Few and small: every GPU thread is an OS thread here.
-CASES = [c for c in random_attention_cases(60, seed=11) if c["batch"] * c["heads"] * (c["q_len"] + 3) // 4 <= 24][:24]
+CASES = [c for c in random_attention_cases(60, seed=11) if c["batch"] * c["heads"] * (c["q_len"] + 7) // 8 <= 16][:24] + [
+    # Long caches under short query blocks: the warps of a block split the keys and merge their states.
+    dict(batch=1, heads=2, kv_heads=1, q_len=1, past_len=150, spare=2, head_dim=24, alibi=True, masked=True, scale=None, seed=101),
+    dict(batch=2, heads=1, kv_heads=1, q_len=3, past_len=70, spare=0, head_dim=5, alibi=False, masked=True, scale=0.3, seed=102),
+    dict(batch=1, heads=4, kv_heads=2, q_len=2, past_len=40, spare=1, head_dim=64, alibi=False, masked=False, scale=None, seed=103),
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +69,12 @@ def random_inputs(case, dtype):
 
 def test_cases_cross_tiles_and_blocks():
     assert len(CASES) >= 12
-    assert any(c["past_len"] + c["q_len"] > trt_plugin.TILE_KEYS for c in CASES)
+    # more keys than a warp scores at once, more rows than a block holds, and rows whose keys are split
+    assert any(c["past_len"] + c["q_len"] > trt_plugin.CUDA_WARP_SIZE for c in CASES)
     assert any(c["q_len"] > trt_plugin.ROWS_PER_BLOCK for c in CASES)
+    assert any(c["q_len"] < trt_plugin.ROWS_PER_BLOCK // 2 and c["past_len"] + c["q_len"] > trt_plugin.CUDA_WARP_SIZE for c in CASES)
     assert any(c["heads"] != c["kv_heads"] and c["alibi"] for c in CASES)
-    assert any(c["masked"] and c["past_len"] + c["q_len"] > trt_plugin.TILE_KEYS for c in CASES)
+    assert any(c["masked"] and c["past_len"] + c["q_len"] > trt_plugin.CUDA_WARP_SIZE for c in CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{batch}h{heads}kv{kv_heads}q{q_len}p{past_len}d{head_dim}".format(**c))

@@ -60,7 +60,8 @@ def test_constants_mirror_the_kernel_source():
     source = KERNEL_SOURCE.read_text()
     defines = dict(re.findall(r"#define (KILN_\w+) (\d+)", source))
     assert int(defines["KILN_ROWS_PER_BLOCK"]) == trt_plugin.ROWS_PER_BLOCK
-    assert int(defines["KILN_TILE_KEYS"]) == trt_plugin.TILE_KEYS
+    # launch_geometry's shared memory is this many floats
+    assert "#define KILN_SHARED_FLOATS(head_dim) (2 * KILN_ROWS_PER_BLOCK * (head_dim) + 2 * KILN_ROWS_PER_BLOCK)" in source
     assert int(defines["KILN_MAX_HEAD_DIM"]) == trt_plugin.MAX_HEAD_DIM
     for name in trt_plugin.KERNEL_NAMES.values():
         assert f"KILN_ATTENTION_ENTRY({name}," in source
@@ -73,12 +74,12 @@ def test_plugin_is_addressed_like_the_onnx_node():
 
 @pytest.mark.parametrize(
     "query_shape, grid, shared_mem",
-    [((2, 8, 5, 64), (16, 2), 8192), ((1, 32, 1, 128), (32, 1), 16384), ((3, 4, 8, 17), (12, 2), 2176)],
+    [((2, 8, 5, 64), (16, 1), 4160), ((1, 32, 9, 128), (32, 2), 8256), ((3, 4, 8, 17), (12, 1), 1152)],
 )
 def test_launch_geometry_with_static_shapes(query_shape, grid, shared_mem):
     geometry = trt_plugin.launch_geometry(query_shape)
     assert (geometry.grid_x, geometry.grid_y) == grid
-    assert (geometry.block_x, geometry.block_y) == (32, 4)
+    assert (geometry.block_x, geometry.block_y) == (32, 8)
     assert geometry.shared_mem == shared_mem
 
 
@@ -86,8 +87,8 @@ def test_launch_geometry_with_dynamic_shapes_uses_only_shape_expression_ops():
     query = (SymDim("batch"), ConstDim(32), SymDim("seq"), ConstDim(128))
     geometry = trt_plugin.launch_geometry(query)
     assert geometry.grid_x.text == "(batch * 32)"
-    assert geometry.grid_y.text == "((seq + 3) // 4)"
-    assert geometry.shared_mem.text == "(128 * 128)"
+    assert geometry.grid_y.text == "((seq + 7) // 8)"
+    assert geometry.shared_mem.text == "((128 * 64) + 64)"
 
 
 def test_kernel_args_derive_past_len_from_the_cache_and_carry_scale_bits():
@@ -220,7 +221,7 @@ def test_registered_functions_describe_tune_and_launch(registered):
 
     name, ptx, params, args = registered["aot_impl"](query, key, key, mask, slopes, 0.0, (out,), 0)
     assert (name, ptx) == (b"kiln_causal_attention_f16", b"// ptx")
-    assert (params.grid_x, params.grid_y, params.block_x, params.block_y, params.shared_mem) == (16, 1, 32, 4, 8192)
+    assert (params.grid_x, params.grid_y, params.block_x, params.block_y, params.shared_mem) == (16, 1, 32, 8, 4160)
     assert list(args) == [8, 2, 3, 10, 7, 64, 0]
 
 

@@ -34,7 +34,18 @@ inline float kiln_shfl_xor(float value, int lane_mask) {
 }
 #define KILN_SHFL_XOR(value, lane_mask) kiln_shfl_xor((value), (lane_mask))
 
+inline float kiln_shfl(float value, int src_lane) {
+    const unsigned warp = threadIdx.y, lane = threadIdx.x;
+    shuffle_slots[warp][lane] = value;
+    warp_barriers[warp]->arrive_and_wait();
+    const float other = shuffle_slots[warp][src_lane];
+    warp_barriers[warp]->arrive_and_wait();
+    return other;
+}
+#define KILN_SHFL(value, src_lane) kiln_shfl((value), (src_lane))
+
 inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, sizeof f); return f; }
+using std::fmaxf;
 using std::min;
 
 typedef _Float16 kiln_half;
@@ -44,5 +55,9 @@ template <typename T> inline T kiln_from_float(float x) { return static_cast<T>(
 
 inline float kiln_warp_sum(float x) {
     for (int offset = KILN_WARP_SIZE / 2; offset > 0; offset /= 2) x += KILN_SHFL_XOR(x, offset);
+    return x;
+}
+inline float kiln_warp_max(float x) {
+    for (int offset = KILN_WARP_SIZE / 2; offset > 0; offset /= 2) x = std::fmax(x, KILN_SHFL_XOR(x, offset));
     return x;
 }

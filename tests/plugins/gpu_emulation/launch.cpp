@@ -4,7 +4,7 @@
 
 #include "causal_attention.cu"
 
-float kiln_tiles[2 * KILN_TILE_KEYS * KILN_MAX_HEAD_DIM];
+float kiln_shared[KILN_SHARED_FLOATS(KILN_MAX_HEAD_DIM)];
 
 template <typename T, typename Kernel>
 static void launch(Kernel kernel, const T* q, const T* k, const T* v, const int* mask, const float* slopes, int batch, int heads,
