@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import re
@@ -179,6 +180,10 @@ def _optimize(model_path: Path, loaded, target: Target, precision: str, passes: 
     context = PassContext(target=target.recipe or target.name, precision=precision, facts=loaded.facts,
                           family=loaded.family.name)
     _, reports = run_recipe(model_path, context, passes=passes, output=model_path)
+    # An onnx_ir graph is a web of cycles (nodes <-> graph): without a collection its weights would stay in
+    # memory through verification, the peak of a conversion.
+    del _
+    gc.collect()
     return reports
 
 

@@ -33,6 +33,8 @@ def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Mo
     def transposed_initializer(weight: ir.Value) -> ir.Value:
         if weight.name not in transposed:
             array = np.ascontiguousarray(weight.const_value.numpy().T)
+            if isinstance(weight.const_value, ir.ExternalTensor):
+                weight.const_value.release()  # unmaps the source's pages; the save reads them again
             value = ir.Value(name=f"{weight.name}.transposed", shape=ir.Shape(array.shape), type=ir.TensorType(weight.dtype))
             value.const_value = ir.tensor(array, name=value.name)
             model.graph.register_initializer(value)
