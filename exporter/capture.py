@@ -11,7 +11,7 @@ import io
 import logging
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,6 +76,7 @@ class CapturedGraph:
     files: list[Path]
     external_data: bool
     opset: int
+    torch_ops: dict[str, int] = field(default_factory=dict)  # custom ops in an AOTI package -> call sites
 
 
 def dynamic_shapes(layers: int, batch, sequence, past, total) -> dict:

@@ -135,12 +135,18 @@ def _print_recipe(target: str, precision: str, as_json: bool) -> None:
     from optimizers.passes import PASSES
 
     spec = target_named(target, precision)
-    names = recipe_for(spec.recipe, precision) if spec.recipe else ["cleanup"]
+    if spec.backend == "aoti":  # no ONNX graph: the one pass acts at capture
+        names, optional = [], ["kiln_attention"]
+    else:
+        names = recipe_for(spec.recipe, precision) if spec.recipe else ["cleanup"]
+        optional = ["kiln_attention"] if spec.backend == "tensorrt" else []
     if as_json:
-        click.echo(json.dumps({"target": target, "precision": precision, "passes": names}))
+        click.echo(json.dumps({"target": target, "precision": precision, "passes": names, "optional": optional}))
         return
     for name in names:
         click.echo(f"{name:<24} {PASSES[name].description}")
+    for name in optional:
+        click.echo(f"{name:<24} optional (--passes {','.join(names + [name])}): {PASSES[name].description}")
 
 
 def _summary(manifest: dict) -> dict:

@@ -96,7 +96,7 @@ def convert(
 
             loaded = load_model(spec, trust_remote_code=trust_remote_code)
         with step("export"):
-            graph = _capture(loaded, workdir, target_spec, external_data_threshold)
+            graph = _capture(loaded, workdir, target_spec, external_data_threshold, passes)
             tokenizer = _copy_tokenizer(loaded.tokenizer_dir, workdir)
         pass_reports = []
         if graph.path.suffix == ".onnx":
@@ -122,8 +122,10 @@ def convert(
             "external_data": graph.path.with_name(graph.path.name + ".data").exists(),
             "opset": graph.opset,
             "tokenizer": tokenizer,
-            "passes": [r.to_json() for r in pass_reports],
+            "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graph),
         }
+        if graph.torch_ops:
+            fields["torch_ops"] = sorted(graph.torch_ops)  # to be loaded before the package (plugins.load_torch_op)
         from exporter.capture import contract_signature
 
         fields["signature"] = contract_signature(loaded.facts)
@@ -160,15 +162,42 @@ def convert(
     return ConvertResult(output, manifest, steps)
 
 
-def _capture(loaded, workdir: Path, target: Target, external_data_threshold: int | None):
+def _capture(loaded, workdir: Path, target: Target, external_data_threshold: int | None, passes: list[str] | None):
     if target.backend == "aoti":
         from exporter.aoti import capture_aoti
 
-        return capture_aoti(loaded, workdir, device=target.device)
+        return capture_aoti(loaded, workdir, device=target.device, kiln_attention=_aoti_kiln_attention(loaded, target, passes))
     from exporter.capture import EXTERNAL_DATA_THRESHOLD, capture
 
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     return capture(loaded, workdir, external_data_threshold=threshold)
+
+
+def _captured_pass_reports(graph) -> list[dict]:
+    """kiln_attention on an AOTInductor package, in the shape of an ONNX pass's report."""
+    if not graph.torch_ops:
+        return []
+    from optimizers import PassReport
+
+    calls = {op.replace(".default", ""): count for op, count in graph.torch_ops.items()}
+    return [PassReport("kiln_attention", changed=True, fused=calls,
+                       details={"via": "transformers' AttentionInterface, at capture"}).to_json()]
+
+
+def _aoti_kiln_attention(loaded, target: Target, passes: list[str] | None) -> bool:
+    """AOTInductor packages take one pass, kiln_attention, applied while the model is captured."""
+    from exporter.kiln_attention import FAMILIES, supports
+
+    if not passes:
+        return False
+    if set(passes) != {"kiln_attention"}:
+        raise KilnError(f"target {target.name!r} builds no ONNX graph: its only pass is kiln_attention (got {', '.join(passes)})")
+    if not supports(loaded.family.name):
+        raise KilnError(
+            f"kiln_attention on {target.name!r} routes transformers' attention registry to the plugin op, which "
+            f"{', '.join(FAMILIES)} layers use; {loaded.family.name} computes its attention inline"
+        )
+    return True
 
 
 def _optimize(model_path: Path, loaded, target: Target, precision: str, passes: list[str] | None) -> list:

@@ -11,7 +11,9 @@ PASSES = {
         FunctionPass("cleanup", cleanup, "constant folding, dead code, shape-expression simplification (onnxscript)"),
         FunctionPass("fold_weight_transposes", fold_weight_transposes, "transposed weights stored as initializers"),
         FunctionPass("fusion", fusion, "ONNX Runtime fused ops: attention, skip/RMS norms, GELU (onnxscript ort_fusions)"),
-        FunctionPass("kiln_attention", kiln_attention, "attention -> kiln::CausalAttention plugin node (TensorRT), parity-checked"),
+        FunctionPass("kiln_attention", kiln_attention,
+                     "attention -> the kiln plugin: a parity-checked kiln::CausalAttention node (TensorRT), "
+                     "or kiln::causal_attention calls in an AOTInductor package"),
         FunctionPass("fp16", fp16, "weights and math to fp16, IO and sensitive ops kept fp32"),
         FunctionPass("int8_dynamic", int8_dynamic, "int8 weights, dynamic activation quantization (onnxruntime)"),
         FunctionPass("int8_static", int8_static, "int8 QDQ with calibrated activation ranges (onnxruntime)"),

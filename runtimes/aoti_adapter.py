@@ -28,6 +28,11 @@ class AotiPredictor(Predictor):
         if device.split(":")[0] != needs:
             raise EngineError(f"{engine_dir}: engine target {manifest['target']!r} runs on {needs}, not device={device!r}")
         signature = Signature.from_json(manifest["signature"])
+        if manifest.get("torch_ops"):
+            # The package calls these custom ops by name: they must be registered before it loads.
+            from plugins import load_torch_op
+
+            load_torch_op()
         return cls(engine_dir / manifest.get("model_file", "model.pt2"), signature, device=device, **options)
 
     def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
