@@ -223,9 +223,11 @@ def forget_rewriter_matches() -> None:
 
     graph_objects = (ir.Value, ir.Node, ir.Graph)
     for obj in gc.get_objects():
-        if isinstance(obj, _matcher.SimplePatternMatcher):
+        # type(), not isinstance(): isinstance() dereferences a weakref.proxy, which raises once its referent is gone.
+        kind = type(obj)
+        if issubclass(kind, _matcher.SimplePatternMatcher):
             obj._match, obj._graph, obj._current_node, obj._tracer = _basics.MatchResult(), None, None, None
-        elif isinstance(obj, _rewrite_rule.PatternBase):
+        elif issubclass(kind, _rewrite_rule.PatternBase):
             for name, value in list(vars(obj).items()):
                 if isinstance(value, graph_objects):
                     setattr(obj, name, None)

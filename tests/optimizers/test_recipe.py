@@ -80,3 +80,25 @@ def test_in_place_on_a_file_with_external_data(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     session = OnnxRuntimePredictor(engine).session
     assert sum(n.op_type == "MatMulNBits" for n in ir.load(str(engine)).graph) == 9 and session
+
+
+def test_a_recipe_leaves_nothing_holding_the_model(exported):
+    """onnxscript's rules keep their last match; run_recipe must let the model go (gpt2: 220 MB), and must
+    not trip over a dead weak proxy somewhere in the heap while it looks for them."""
+    import gc
+    import weakref
+
+    path, loaded = exported("tiny-gpt2")
+    context = PassContext(target="cpu", precision="int4", facts=loaded.facts, family=loaded.family.name)
+
+    class Gone:
+        pass
+
+    gone = Gone()
+    proxy = weakref.proxy(gone)  # noqa: F841 (kept alive, dead)
+    del gone
+    model, _ = run_recipe(path, context)
+    graph = weakref.ref(model.graph)
+    del model
+    gc.collect()
+    assert graph() is None
