@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from optimizers.recipe import PassContext
+from optimizers.recipe import PassContext, initializer_bytes
 
 DOMAIN = "kiln"
 OP_TYPE = "CausalAttention"
@@ -38,6 +39,7 @@ UNSUPPORTED = {
 }
 _CACHE_OUTPUT = re.compile(r"present\.(\d+)\.(key|value)")
 _VIEW_OPS = ("Reshape", "Expand", "Unsqueeze", "Transpose")
+PARITY_CHECK_MAX_BYTES = 1 << 30
 
 
 class NoMatch(Exception):
@@ -46,7 +48,7 @@ class NoMatch(Exception):
 
 def kiln_attention(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     target = context.target
-    if target not in PLUGIN_TARGETS and not context.option("kiln_attention", "any_target", False):
+    if target not in PLUGIN_TARGETS:
         raise ValueError(
             f"kiln::CausalAttention runs on {', '.join(PLUGIN_TARGETS)} engines only; target {target!r} has no kernel for it"
         )
@@ -57,7 +59,9 @@ def kiln_attention(model: ir.Model, context: PassContext) -> tuple[ir.Model, dic
     if context.facts is None:
         raise ValueError("kiln_attention needs the model's head count (PassContext.facts)")
     heads = context.facts.heads
-    original = ir.to_proto(model).SerializeToString() if context.option("kiln_attention", "check", True) else None
+    # The check runs the exported graph from a serialized copy: protobuf's 2 GB limit, and memory, bound it.
+    check = context.option("kiln_attention", "check", True) and initializer_bytes(model) <= PARITY_CHECK_MAX_BYTES
+    original = ir.to_proto(model).SerializeToString() if check else None
 
     caches = {v.name: v for v in model.graph.outputs if v.name and _CACHE_OUTPUT.fullmatch(v.name)}
     inputs = {v.name: v for v in model.graph.inputs}
@@ -81,6 +85,8 @@ def kiln_attention(model: ir.Model, context: PassContext) -> tuple[ir.Model, dic
     details = {"replaced": replaced, "biases": FAMILY_BIASES[family]}
     if skipped:
         details["skipped"] = skipped
+    if replaced and original is None:
+        details["parity_check"] = f"skipped: weights over {PARITY_CHECK_MAX_BYTES >> 20} MiB, or option check=False"
     if replaced and original is not None:
         error = parity_error(original, model, context)
         tolerance = context.option("kiln_attention", "tolerance", 1e-4)
@@ -90,9 +96,13 @@ def kiln_attention(model: ir.Model, context: PassContext) -> tuple[ir.Model, dic
     return model, details
 
 
+@dataclass
 class _Match:
-    def __init__(self, query, key, value, scale, output):
-        self.query, self.key, self.value, self.scale, self.output = query, key, value, scale, output
+    query: ir.Value  # [batch, heads, q_len, head_dim], or BLOOM's [batch * heads, q_len, head_dim]
+    key: ir.Value  # present.N.key
+    value: ir.Value  # present.N.value
+    scale: float  # the product of every scalar factor on the scores
+    output: ir.Value  # MatMul(probabilities, value): what the plugin's output replaces
 
 
 def _match(softmax: ir.Node, caches: dict[str, ir.Value]) -> _Match:
@@ -100,7 +110,9 @@ def _match(softmax: ir.Node, caches: dict[str, ir.Value]) -> _Match:
     product = _single_consumer(probabilities, skip=("Reshape",))
     if product.op_type != "MatMul" or product.inputs[0] is not _last_view(probabilities, product):
         raise NoMatch(f"the probabilities feed {product.op_type}, not MatMul(probabilities, value)")
-    value, _ = _walk_to_cache(product.inputs[1], caches, "value")
+    value, value_scale = _walk_to_cache(product.inputs[1], caches, "value")
+    if value_scale != 1.0:
+        raise NoMatch("the values are scaled, which the plugin does not do")
 
     scale, scores = 1.0, softmax.inputs[0]
     while True:

@@ -65,3 +65,12 @@ def test_alibi_slopes_are_blooms(heads):
 
     alibi = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)  # [heads, 1, 2]: slope * position 1
     np.testing.assert_allclose(plugin_attention.alibi_slopes(heads), alibi[:, 0, 1].numpy(), rtol=1e-6)
+
+
+def test_without_the_check_the_report_says_so(exported):
+    path, loaded = exported("tiny-llama")
+    context = PassContext(target="tensorrt", facts=loaded.facts, family=loaded.family.name,
+                          options={"kiln_attention": {"check": False}})
+    _, reports = run_recipe(path, context, passes=["cleanup", "kiln_attention"])
+    assert reports[-1].details["parity_check"].startswith("skipped")
+    assert "parity_max_abs_error" not in reports[-1].details
