@@ -208,10 +208,10 @@ def _optimize(model_path: Path, loaded, target: Target, precision: str, passes: 
         passes = None if target.recipe else ["cleanup"]
     context = PassContext(target=target.recipe or target.name, precision=precision, facts=loaded.facts,
                           family=loaded.family.name)
-    _, reports = run_recipe(model_path, context, passes=passes, output=model_path)
+    model, reports = run_recipe(model_path, context, passes=passes, output=model_path)
     # An onnx_ir graph is a web of cycles (nodes <-> graph): without a collection its weights would stay in
     # memory through verification, the peak of a conversion.
-    del _
+    del model
     gc.collect()
     return reports
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optimizers.recipe import PassContext
+from optimizers.recipe import PassContext, add_initializer
 
 
 def cleanup(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
@@ -35,10 +35,7 @@ def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Mo
             array = np.ascontiguousarray(weight.const_value.numpy().T)
             if isinstance(weight.const_value, ir.ExternalTensor):
                 weight.const_value.release()  # unmaps the source's pages; the save reads them again
-            value = ir.Value(name=f"{weight.name}.transposed", shape=ir.Shape(array.shape), type=ir.TensorType(weight.dtype))
-            value.const_value = ir.tensor(array, name=value.name)
-            model.graph.register_initializer(value)
-            transposed[weight.name] = value
+            transposed[weight.name] = add_initializer(model, f"{weight.name}.transposed", array)
         return transposed[weight.name]
 
     for node in list(model.graph.all_nodes()):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from optimizers.recipe import PassContext, initializer_bytes
+from optimizers.recipe import PassContext, add_initializer, initializer_bytes
 
 DOMAIN = "kiln"
 OP_TYPE = "CausalAttention"
@@ -236,13 +236,6 @@ def alibi_slopes(heads: int) -> np.ndarray:
     return np.array(slopes, dtype=np.float32)
 
 
-def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = ir.tensor(array, name=name)
-    model.graph.register_initializer(value)
-    return value
-
-
 def _shared_inputs(model: ir.Model, attention_mask: ir.Value, heads: int, family: str) -> dict[str, ir.Value]:
     """The key mask, the slopes and the [-1, heads] head of the query's 4-D shape, made once for all layers.
 
@@ -254,8 +247,8 @@ def _shared_inputs(model: ir.Model, attention_mask: ir.Value, heads: int, family
     slopes = alibi_slopes(heads) if family == "bloom" else np.zeros(heads, np.float32)
     return {
         "key_mask": cast.outputs[0],
-        "slopes": _constant(model, "kiln_attention.alibi_slopes", slopes),
-        "heads": _constant(model, "kiln_attention.batch_heads", np.array([-1, heads], np.int64)),
+        "slopes": add_initializer(model, "kiln_attention.alibi_slopes", slopes),
+        "heads": add_initializer(model, "kiln_attention.batch_heads", np.array([-1, heads], np.int64)),
     }
 
 

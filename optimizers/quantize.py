@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from optimizers.recipe import PassContext, load_external_weights
+from optimizers.recipe import PassContext, add_initializer, load_external_weights
 
 # Contrib ops (MultiHeadAttention, SkipLayerNormalization...) hide their output types from ONNX shape
 # inference; the quantizers then need a default to assume.
@@ -90,7 +90,7 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     symmetric = context.option("int4", "symmetric", True)
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"int4 block_size must be a power of two >= 16; got {block_size}")
-    skipped = []
+    skipped, blocks_of = [], {}  # weight name -> its quantized initializers (a weight may feed several MatMuls)
     for node in list(model.graph.all_nodes()):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
@@ -101,24 +101,13 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
                 skipped.append(node.name)
             continue
         rows, cols = tensor.shape  # K, N
-        blocks = -(-rows // block_size)
-        array = tensor.numpy()
-        if blocks * block_size != rows:
-            array = np.pad(array, ((0, blocks * block_size - rows), (0, 0)))
-        packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
-        scales = np.zeros((cols, blocks), np.float32)
-        zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
-        quantize_matmul_4bits(packed, np.ascontiguousarray(array), scales, zero_points, block_size, cols, rows, symmetric)
-        del array
-        if isinstance(tensor, ir.ExternalTensor):
-            tensor.release()  # unmaps the weight's pages of the .data file
-        inputs = [node.inputs[0], _initializer(model, f"{weight.name}_Q4", packed), _initializer(model, f"{weight.name}_scales", scales)]
-        if not symmetric:
-            inputs.append(_initializer(model, f"{weight.name}_zero_points", zero_points))
+        if weight.name not in blocks_of:
+            blocks_of[weight.name] = _int4_blocks(model, weight, block_size, symmetric, quantize_matmul_4bits)
+        inputs = [node.inputs[0], *blocks_of[weight.name]]
         attributes = {"K": rows, "N": cols, "bits": 4, "block_size": block_size}
         if accuracy_level:
             attributes["accuracy_level"] = accuracy_level
-        quantized = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{node.name}_Q4")
+        quantized = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{node.name}_Q4" if node.name else None)
         ir.convenience.replace_nodes_and_values(model.graph, node, [node], [quantized], node.outputs, quantized.outputs)
         if not weight.uses() and weight.name in model.graph.initializers:
             del model.graph.initializers[weight.name]  # frees the fp32 weight
@@ -127,11 +116,25 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
                    "matmuls_left_in_fp32": skipped}
 
 
-def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    value.const_value = ir.tensor(array, name=name)
-    model.graph.register_initializer(value)
-    return value
+def _int4_blocks(model: ir.Model, weight: ir.Value, block_size: int, symmetric: bool, quantize) -> list[ir.Value]:
+    """MatMulNBits' packed blocks, scales (and zero points when asymmetric) of a [K, N] fp32 weight."""
+    tensor = weight.const_value
+    rows, cols = tensor.shape
+    blocks = -(-rows // block_size)
+    array = tensor.numpy()
+    if blocks * block_size != rows:
+        array = np.pad(array, ((0, blocks * block_size - rows), (0, 0)))
+    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
+    scales = np.zeros((cols, blocks), np.float32)
+    zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
+    quantize(packed, np.ascontiguousarray(array), scales, zero_points, block_size, cols, rows, symmetric)
+    del array
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()  # unmaps the weight's pages of the .data file
+    values = [add_initializer(model, f"{weight.name}_Q4", packed), add_initializer(model, f"{weight.name}_scales", scales)]
+    if not symmetric:
+        values.append(add_initializer(model, f"{weight.name}_zero_points", zero_points))
+    return values
 
 
 def fp16(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:

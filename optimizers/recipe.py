@@ -128,6 +128,14 @@ def op_counts(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def add_initializer(model: ir.Model, name: str, array) -> ir.Value:
+    """Register `array` (a NumPy array) as an initializer of `model`'s graph; returns its value."""
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value.const_value = ir.tensor(array, name=name)
+    model.graph.register_initializer(value)
+    return value
+
+
 def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 

@@ -106,3 +106,33 @@ def test_int4_and_int8_run_on_other_families(preset, exported, tmp_path):
         assert sum(reports[-1].quantized.values()) >= 2 * loaded.facts.layers
         got = engine_logits(out, loaded, ids)
         assert got.shape == plain.shape and np.isfinite(got).all()
+
+
+def test_int4_quantizes_a_weight_shared_by_two_matmuls_once():
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["b"])],
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 64])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    quantized, _ = run_recipe(model, PassContext(), passes=["int4"])
+    nodes = [n for n in quantized.graph if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 2 and nodes[0].inputs[1] is nodes[1].inputs[1]
+    assert "w" not in quantized.graph.initializers
+    # The same numbers as onnxruntime's own MatMulNBitsQuantizer, whose block quantizer the pass calls.
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4)
+    tool = nbits.MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), algo_config=config)
+    tool.process()
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    run = lambda proto: onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(run(ir.to_proto(quantized)), run(tool.model.model))
