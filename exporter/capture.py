@@ -19,11 +19,12 @@ import torch
 from exporter.errors import ExportError
 from exporter.families import ModelFacts
 from exporter.sources import LoadedModel
+from optimizers.recipe import EXTERNAL_DATA_BYTES
 
-# Above this the weights go to model.onnx.data. Protobuf cannot hold 2 GiB, and well before that, saving
-# weights inside the .onnx builds the whole message in memory (measured on gpt2's 497 MB: peak RSS of the
-# export 2.37 GB inline, 0.95 GB external). The optimization passes save by the same rule.
-EXTERNAL_DATA_THRESHOLD = 64 * 1024**2
+# Above this the weights go to model.onnx.data, the rule the optimization passes save by. Protobuf cannot
+# hold 2 GiB, and well before that, saving weights inside the .onnx builds the whole message in memory
+# (measured on gpt2's 497 MB: peak RSS of the export 2.37 GB inline, 0.95 GB external).
+EXTERNAL_DATA_THRESHOLD = EXTERNAL_DATA_BYTES
 MODEL_FILE = "model.onnx"
 
 

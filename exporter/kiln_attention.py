@@ -31,10 +31,6 @@ def kiln_attention_forward(module, query, key, value, attention_mask, dropout=0.
     return out.transpose(1, 2).contiguous(), None
 
 
-def supports(family: str) -> bool:
-    return family in FAMILIES
-
-
 @contextlib.contextmanager
 def kiln_attention(module: torch.nn.Module):
     """Within the block, `module`'s attention layers call kiln::causal_attention."""

@@ -186,13 +186,13 @@ def _captured_pass_reports(graph) -> list[dict]:
 
 def _aoti_kiln_attention(loaded, target: Target, passes: list[str] | None) -> bool:
     """AOTInductor packages take one pass, kiln_attention, applied while the model is captured."""
-    from exporter.kiln_attention import FAMILIES, supports
+    from exporter.kiln_attention import FAMILIES
 
     if not passes:
         return False
     if set(passes) != {"kiln_attention"}:
         raise KilnError(f"target {target.name!r} builds no ONNX graph: its only pass is kiln_attention (got {', '.join(passes)})")
-    if not supports(loaded.family.name):
+    if loaded.family.name not in FAMILIES:
         raise KilnError(
             f"kiln_attention on {target.name!r} routes transformers' attention registry to the plugin op, which "
             f"{', '.join(FAMILIES)} layers use; {loaded.family.name} computes its attention inline"

@@ -107,8 +107,8 @@ class _Match:
 
 def _match(softmax: ir.Node, caches: dict[str, ir.Value]) -> _Match:
     probabilities = _after_nan_guard(softmax.outputs[0])
-    product = _single_consumer(probabilities, skip=("Reshape",))
-    if product.op_type != "MatMul" or product.inputs[0] is not _last_view(probabilities, product):
+    product, read = _single_consumer(probabilities, skip=("Reshape",))
+    if product.op_type != "MatMul" or product.inputs[0] is not read:
         raise NoMatch(f"the probabilities feed {product.op_type}, not MatMul(probabilities, value)")
     value, value_scale = _walk_to_cache(product.inputs[1], caches, "value")
     if value_scale != 1.0:
@@ -150,22 +150,16 @@ def _after_nan_guard(probabilities: ir.Value) -> ir.Value:
     return probabilities
 
 
-def _single_consumer(value: ir.Value, skip=()) -> ir.Node:
+def _single_consumer(value: ir.Value, skip=()) -> tuple[ir.Node, ir.Value]:
+    """The one node that reads `value`, past any `skip` ops between them, and the value it reads."""
     while True:
         uses = list(value.uses())
         if len(uses) != 1:
             raise NoMatch(f"{value.name} has {len(uses)} consumers")
         node = uses[0].node
         if node.op_type not in skip:
-            return node
+            return node, value
         value = node.outputs[0]
-
-
-def _last_view(value: ir.Value, consumer: ir.Node) -> ir.Value:
-    """The value `consumer` reads when it reads `value` through Reshapes."""
-    while value.uses() and list(value.uses())[0].node is not consumer:
-        value = list(value.uses())[0].node.outputs[0]
-    return value
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -177,12 +171,12 @@ def _scalar(value: ir.Value | None) -> float | None:
 
 def _scaling(node: ir.Node) -> tuple[ir.Value, float] | None:
     """(the scaled input, the factor) when `node` multiplies or divides by a scalar constant, else None."""
-    if node.op_type == "Div" and _scalar(node.inputs[1]) is not None:
-        return node.inputs[0], 1.0 / _scalar(node.inputs[1])
+    if node.op_type == "Div" and (divisor := _scalar(node.inputs[1])) is not None:
+        return node.inputs[0], 1.0 / divisor
     if node.op_type == "Mul":
         for mine, other in ((1, 0), (0, 1)):
-            if _scalar(node.inputs[mine]) is not None:
-                return node.inputs[other], _scalar(node.inputs[mine])
+            if (factor := _scalar(node.inputs[mine])) is not None:
+                return node.inputs[other], factor
     return None
 
 

@@ -83,8 +83,6 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     MatMulNBitsQuantizer calls, and the node that tool makes: the tool itself wants the whole model as one
     ModelProto, two more copies of the weights in memory (gpt2: peak 2.5 GB against 1.25 GB this way).
     """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
     block_size = context.option("int4", "block_size", 32)
     accuracy_level = context.option("int4", "accuracy_level", 4)
     symmetric = context.option("int4", "symmetric", True)
@@ -102,7 +100,7 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
             continue
         rows, cols = tensor.shape  # K, N
         if weight.name not in blocks_of:
-            blocks_of[weight.name] = _int4_blocks(model, weight, block_size, symmetric, quantize_matmul_4bits)
+            blocks_of[weight.name] = _int4_blocks(model, weight, block_size, symmetric)
         inputs = [node.inputs[0], *blocks_of[weight.name]]
         attributes = {"K": rows, "N": cols, "bits": 4, "block_size": block_size}
         if accuracy_level:
@@ -116,8 +114,10 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
                    "matmuls_left_in_fp32": skipped}
 
 
-def _int4_blocks(model: ir.Model, weight: ir.Value, block_size: int, symmetric: bool, quantize) -> list[ir.Value]:
+def _int4_blocks(model: ir.Model, weight: ir.Value, block_size: int, symmetric: bool) -> list[ir.Value]:
     """MatMulNBits' packed blocks, scales (and zero points when asymmetric) of a [K, N] fp32 weight."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
     tensor = weight.const_value
     rows, cols = tensor.shape
     blocks = -(-rows // block_size)
@@ -127,7 +127,7 @@ def _int4_blocks(model: ir.Model, weight: ir.Value, block_size: int, symmetric: 
     packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
     scales = np.zeros((cols, blocks), np.float32)
     zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
-    quantize(packed, np.ascontiguousarray(array), scales, zero_points, block_size, cols, rows, symmetric)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(array), scales, zero_points, block_size, cols, rows, symmetric)
     del array
     if isinstance(tensor, ir.ExternalTensor):
         tensor.release()  # unmaps the weight's pages of the .data file

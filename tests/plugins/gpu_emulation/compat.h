@@ -24,16 +24,7 @@ inline float shuffle_slots[64][KILN_WARP_SIZE];
 
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 
-inline float kiln_shfl_xor(float value, int lane_mask) {
-    const unsigned warp = threadIdx.y, lane = threadIdx.x;
-    shuffle_slots[warp][lane] = value;
-    warp_barriers[warp]->arrive_and_wait();
-    const float other = shuffle_slots[warp][lane ^ lane_mask];
-    warp_barriers[warp]->arrive_and_wait();
-    return other;
-}
-#define KILN_SHFL_XOR(value, lane_mask) kiln_shfl_xor((value), (lane_mask))
-
+// Every lane of the warp publishes its value, then reads the one of `src_lane`.
 inline float kiln_shfl(float value, int src_lane) {
     const unsigned warp = threadIdx.y, lane = threadIdx.x;
     shuffle_slots[warp][lane] = value;
@@ -42,6 +33,7 @@ inline float kiln_shfl(float value, int src_lane) {
     warp_barriers[warp]->arrive_and_wait();
     return other;
 }
+#define KILN_SHFL_XOR(value, lane_mask) kiln_shfl((value), int(threadIdx.x) ^ (lane_mask))
 #define KILN_SHFL(value, src_lane) kiln_shfl((value), (src_lane))
 
 inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, sizeof f); return f; }
