@@ -58,7 +58,7 @@ def main() -> None:
     predictor = kiln.load(engine_dir, threads=args.threads)
     # The bare loop drives the adapter's own InferenceSession: two sessions of one model differed by up
     # to 10 % here depending on which was created first, which would hide what the adapter itself costs.
-    session = predictor.session
+    session = predictor.model.session
     past = predictor.signature.past_inputs
     cache_shape = (1, past[0].shape[1], 0, past[0].shape[3])
     prompt = np.random.default_rng(0).integers(0, 1000, size=(1, args.prompt))

@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kiln.bench import _cpu_name, bytes_read_per_token, read_bandwidth  # noqa: E402  (after the path insert)
+from kiln.backends.onnxruntime import bytes_read_per_token  # noqa: E402  (after the path insert)
+from kiln.bench import _cpu_name, read_bandwidth  # noqa: E402
 
 
 def onnx_run(predictor, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
@@ -76,21 +77,23 @@ def _benchmark(args, loaded, workdir: Path, argv) -> None:
 
     from exporter.capture import capture
     from optimizers import PassContext, run_recipe
+    from runtimes.generate import DecoderLMPredictor
     from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 
     build_seconds = {}
     start = time.perf_counter()
-    plain = capture(loaded, workdir).path
+    plain = capture(loaded, workdir)["model"].path
     build_seconds["plain export"] = time.perf_counter() - start
     paths = {"plain export": plain}
     for label, precision in (("fused fp32", "fp32"), ("int8", "int8"), ("int4", "int4")):
         start = time.perf_counter()
-        context = PassContext(target="cpu", precision=precision, facts=loaded.facts, family=loaded.family.name)
+        context = PassContext(target="cpu", recipe="cpu", precision=precision, facts=loaded.facts, family=loaded.family)
         run_recipe(plain, context, output=workdir / f"{precision}.onnx")
         paths[label] = workdir / f"{precision}.onnx"
         build_seconds[label] = time.perf_counter() - start
     # Idle pools must sleep, not spin: spinning variants would steal the cores from the one being timed.
-    predictors = {label: OnnxRuntimePredictor(path, threads=args.threads, allow_spinning=False) for label, path in paths.items()}
+    predictors = {label: DecoderLMPredictor({"model": OnnxRuntimePredictor(path, threads=args.threads, allow_spinning=False)})
+                  for label, path in paths.items()}
     bandwidth = read_bandwidth(args.threads)
 
     prompt = np.random.default_rng(0).integers(3, loaded.facts.vocab_size, size=(1, args.prompt))

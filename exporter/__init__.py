@@ -1,6 +1,7 @@
-"""Load a model from a spec and capture its graph with the IO contract of its family."""
+"""Load a model from a spec and capture its graphs with the IO contract of its kind."""
 from exporter.errors import ExportError, ModelSourceError
-from exporter.families import FAMILIES, Family, ModelFacts
+from exporter.families import FAMILIES, Family
+from runtimes.decoder_lm import ModelFacts
 from exporter.presets import PRESETS
 from exporter.sources import LoadedModel, load_model
 

@@ -2,8 +2,8 @@
 
 transformers 5 picks a layer's attention function by `config._attn_implementation` from its
 AttentionInterface registry: registering "kiln" there routes the layers of families that use the
-registry (GPT-2, LLaMA) to the plugin op, which torch.export then keeps as one node. BLOOM and GPT-Neo
-compute attention inline and cannot be routed this way.
+registry (`Family.attention_registry`: GPT-2, LLaMA) to the plugin op, which torch.export then keeps as
+one node. BLOOM and GPT-Neo compute attention inline and cannot be routed this way.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import contextlib
 import torch
 
 IMPLEMENTATION = "kiln"
-FAMILIES = ("gpt2", "llama")
 
 
 def kiln_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

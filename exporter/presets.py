@@ -14,6 +14,7 @@ class Preset:
     description: str = ""
     seed: int = 0
     trained: bool = False  # weights trained in-process on a synthetic corpus (exporter/trained.py), cached
+    kind: str = "decoder-lm"
 
 
 _TINY = dict(vocab_size=1024, bos_token_id=1, eos_token_id=2)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import ModelSourceError
-from exporter.families import Family, ModelFacts, facts_of, family_of
+from exporter.families import Family, facts_of, family_of
+from exporter.graphs import export_kind
 from exporter.presets import PRESETS
+from runtimes.decoder_lm import ModelFacts
 
 # Models come from local files only: never let transformers reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,9 +30,10 @@ class LoadedModel:
     facts: ModelFacts
     config: "transformers.PretrainedConfig"
     spec: str
-    kind: str  # "preset" | "folder" | "factory"
+    origin: str  # "preset" | "folder" | "factory"
     weights_sha256: str
     tokenizer_dir: Path | None = None
+    kind: str = "decoder-lm"  # the model kind (exporter.graphs.KINDS): its IO contract and graphs
 
 
 def load_model(spec: str, trust_remote_code: bool = False) -> LoadedModel:
@@ -55,15 +58,19 @@ def _load_preset(name: str) -> LoadedModel:
     import transformers
 
     preset = PRESETS[name]
+    auto_class = getattr(transformers, export_kind(preset.kind, name).load().AUTO_CLASS)
     config = transformers.AutoConfig.for_model(preset.model_type, **preset.config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
-        module = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        module = auto_class.from_config(config, dtype=torch.float32)
+    tokenizer_dir = None
     if preset.trained:
         from exporter.trained import load_trained_weights
 
-        load_trained_weights(module, name, preset.config, preset.seed)
-    return _loaded(module, name, "preset", state_dict_sha256(module))
+        tokenizer_dir = load_trained_weights(module, name, preset.config, preset.seed)
+    loaded = _loaded(module, name, "preset", state_dict_sha256(module), preset.kind)
+    loaded.tokenizer_dir = tokenizer_dir
+    return loaded
 
 
 def _load_factory(spec: str) -> LoadedModel:
@@ -83,7 +90,7 @@ def _load_factory(spec: str) -> LoadedModel:
             "(an nn.Module with a .config of a supported family)"
         )
     family_of(module.config, where=spec)
-    return _loaded(module.float(), spec, "factory", state_dict_sha256(module))
+    return _loaded(module.float(), spec, "factory", state_dict_sha256(module), "decoder-lm")
 
 
 def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
@@ -92,6 +99,9 @@ def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
 
     if not folder.is_dir():
         raise ModelSourceError(f"{folder}: no such model folder")
+    if (folder / "model_index.json").is_file():
+        export_kind("diffusion", f"{folder}/model_index.json")  # a diffusers pipeline: says what is supported
+    kind = "decoder-lm"
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelSourceError(f"{folder}: no config.json (expected a Hugging Face model folder)")
@@ -111,7 +121,8 @@ def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
     family_of(config, where=str(config_path))
     try:
         # transformers reads safetensors when present and torch.load(weights_only=True) otherwise.
-        module, info = transformers.AutoModelForCausalLM.from_pretrained(
+        auto_class = getattr(transformers, export_kind(kind, str(folder)).load().AUTO_CLASS)
+        module, info = auto_class.from_pretrained(
             folder, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
             local_files_only=True, output_loading_info=True,
         )
@@ -119,23 +130,23 @@ def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
         raise ModelSourceError(f"{folder}: cannot load the weights: {_first_line(e)}") from None
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys", "unexpected_keys")}
     if problems:
-        kind, names = next(iter(problems.items()))
+        problem, names = next(iter(problems.items()))
         raise ModelSourceError(
-            f"{folder}: the weights do not match config.json ({kind.replace('_', ' ')}: {', '.join(map(str, list(names)[:3]))})"
+            f"{folder}: the weights do not match config.json ({problem.replace('_', ' ')}: {', '.join(map(str, list(names)[:3]))})"
         )
     tokenizer_dir = folder if any((folder / f).exists() for f in _TOKENIZER_FILES) else None
-    loaded = _loaded(module, str(folder), "folder", files_sha256(weights))
+    loaded = _loaded(module, str(folder), "folder", files_sha256(weights), kind)
     loaded.tokenizer_dir = tokenizer_dir
     return loaded
 
 
-def _loaded(module, spec: str, kind: str, weights_sha256: str) -> LoadedModel:
+def _loaded(module, spec: str, origin: str, weights_sha256: str, kind: str) -> LoadedModel:
     import transformers
 
     transformers.logging.set_verbosity_error()
     module.eval()
     config = module.config
-    return LoadedModel(module, family_of(config), facts_of(config), config, spec, kind, weights_sha256)
+    return LoadedModel(module, family_of(config), facts_of(config), config, spec, origin, weights_sha256, kind=kind)
 
 
 def state_dict_sha256(module) -> str:

@@ -3,7 +3,9 @@
 Random weights give nearly flat logits, where any error flips the top-1 token and fidelity figures say
 nothing. This model learns modular arithmetic sequences (`a, a+d, a+2d, ... mod M`): after two tokens the
 next one is certain, so its logits have wide margins. Training is seeded and takes well under a minute on
-2 CPU cores; the weights are cached, keyed by config, seed and `TRAINING_VERSION`.
+2 CPU cores; the weights are cached, keyed by config, seed and `TRAINING_VERSION`, beside a word-level
+tokenizer that spells each number token as its decimal ("5 8 11" -> the next is "14"), so the engine
+takes and gives text.
 """
 from __future__ import annotations
 
@@ -63,7 +65,9 @@ def heldout_sequences(count: int = 16, seed: int = 0, corpus: Corpus = Corpus())
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "torchkiln") / "trained"
+    from plugins.cache import user_cache_dir
+
+    return user_cache_dir() / "trained"
 
 
 def cache_key(config: dict, seed: int, corpus: Corpus = Corpus(), training: Training = Training()) -> str:
@@ -76,20 +80,42 @@ def cache_key(config: dict, seed: int, corpus: Corpus = Corpus(), training: Trai
 
 
 def load_trained_weights(module, name: str, config: dict, seed: int) -> Path:
-    """Give `module` its trained weights: from the cache, or trained now and cached. Returns the file."""
+    """Give `module` its trained weights: from the cache, or trained now and cached.
+
+    Returns the cached folder: `weights.pt` and the corpus's `tokenizer.json`.
+    """
     import torch
 
-    path = cache_dir() / f"{name}-{cache_key(config, seed)}.pt"
-    if path.is_file():
-        module.load_state_dict(torch.load(path, weights_only=True))
-        return path
-    train(module, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename: a concurrent or interrupted build never leaves a truncated cache file.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save(module.state_dict(), temporary)
-    os.replace(temporary, path)
-    return path
+    folder = cache_dir() / f"{name}-{cache_key(config, seed)}"
+    path = folder / "weights.pt"
+    if not path.is_file():
+        train(module, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a concurrent or interrupted build never leaves a truncated cache file.
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        torch.save(module.state_dict(), temporary)
+        os.replace(temporary, path)
+    module.load_state_dict(torch.load(path, weights_only=True))
+    tokenizer = folder / "tokenizer.json"
+    if not tokenizer.is_file():
+        temporary = tokenizer.with_name(f".{tokenizer.name}.{os.getpid()}")
+        corpus_tokenizer(config["vocab_size"]).save(str(temporary))
+        os.replace(temporary, tokenizer)
+    return folder
+
+
+def corpus_tokenizer(vocab_size: int, corpus: Corpus = Corpus()):
+    """A `tokenizers.Tokenizer` over the corpus's words: "<pad>" "<s>" "</s>", then each number as its decimal."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {"<pad>": 0, "<s>": BOS, "</s>": 2, **{str(n): FIRST_NUMBER + n for n in range(corpus.modulus)}}
+    vocab["<unk>"] = vocab_size - 1  # ids past the numbers are never trained on
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>"])
+    return tokenizer
 
 
 def train(module, seed: int, corpus: Corpus = Corpus(), training: Training = Training()) -> list[float]:

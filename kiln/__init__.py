@@ -12,8 +12,8 @@ def convert(spec: str, target: str = "cpu", precision: str = "fp32", output=None
     return run_convert(spec, target, precision, output, **options)
 
 
-def load(engine_dir, device: str = "cpu", **backend_options):
-    """Open an engine directory as a Predictor; see `runtimes.load`."""
+def load(engine_dir, device: str | None = None, **backend_options):
+    """Open an engine directory as a Predictor, on the engine's own device unless `device` says; see `runtimes.load`."""
     import runtimes
 
     return runtimes.load(engine_dir, device=device, **backend_options)

@@ -42,25 +42,20 @@ class Candidate:
 
 
 def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -> Candidate:
-    """Load an engine directory for measuring, its threads set and idle thread pools sleeping."""
+    """Load an engine directory for measuring, with its backend's options for `threads` threads."""
     import runtimes
-    from kiln.targets import device_of
-    from runtimes.engine_dir import read_manifest
+    from kiln.backends import backend_named
+    from runtimes.engine_dir import graph_entries, read_manifest
 
     manifest = read_manifest(engine_dir)
-    # Spinning idle pools of the engines not being timed would steal the cores of the one that is.
-    options = {"threads": threads, "allow_spinning": False} if manifest["backend"] == "onnxruntime" else {}
-    if manifest["backend"] == "aoti":
-        import torch
-
-        torch.set_num_threads(threads)
-    predictor = runtimes.load(engine_dir, device=device_of(manifest["target"]), **options)
-    model = Path(engine_dir) / manifest["model_file"]
-    weights = bytes_read_per_token(model) if model.suffix == ".onnx" else model.stat().st_size
+    backend = backend_named(manifest["backend"])
+    predictor = runtimes.load(engine_dir, **backend.bench_options(threads))
+    weights = sum(backend.weight_bytes(Path(engine_dir) / g["file"]) for g in graph_entries(manifest).values())
     config = manifest["source"]["config"]
     return Candidate(
         label or f"{Path(engine_dir).name} ({manifest['target']}/{manifest['precision']})", predictor, str(engine_dir),
-        sum(entry["bytes"] for entry in manifest["files"].values()), weights, _max_positions(config), config["vocab_size"],
+        sum(entry["bytes"] for entry in manifest["files"].values()), weights, _max_positions(manifest),
+        config["vocab_size"],
     )
 
 
@@ -73,16 +68,20 @@ def reference_candidate(engine_dir: Path, threads: int, compiled: bool = False) 
     from runtimes.engine_dir import read_manifest
 
     torch.set_num_threads(threads)
-    config = read_manifest(engine_dir)["source"]["config"]
+    manifest = read_manifest(engine_dir)
     predictor = load_reference(engine_dir)
     if compiled:
-        predictor.function = torch.compile(predictor.function, dynamic=True)
+        model = predictor.graphs["model"]
+        model.function = torch.compile(model.function, dynamic=True)
     label = "torch.compile" if compiled else "pytorch eager"
-    return Candidate(label, predictor, None, 0, 0, _max_positions(config), config["vocab_size"])
+    return Candidate(label, predictor, None, 0, 0, _max_positions(manifest), manifest["source"]["config"]["vocab_size"])
 
 
-def _max_positions(config: dict) -> int | None:
-    return config.get("n_positions") or config.get("max_position_embeddings")
+def _max_positions(manifest: dict) -> int | None:
+    from exporter.families import FAMILIES_BY_NAME
+
+    family = FAMILIES_BY_NAME.get(manifest["source"]["family"])
+    return family.max_positions_of(manifest["source"]["config"]) if family else None
 
 
 def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> float:
@@ -102,25 +101,11 @@ def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> floa
     return data.numel() * 4 / statistics.median(times)
 
 
-def bytes_read_per_token(onnx_path: Path) -> int:
-    """Initializer bytes a decode step reads: every weight except tables only gathered from (embeddings)."""
-    import onnx_ir as ir
-
-    total = 0
-    for value in ir.load(str(onnx_path)).graph.initializers.values():
-        users = {use.node.op_type for use in value.uses()}
-        if value.const_value is not None and users and users != {"Gather"}:
-            total += value.const_value.nbytes
-    return total
-
-
 def prefill_seconds(predictor, length: int, rng: np.random.Generator, vocab: int) -> float:
     """One forward pass over `length` new tokens at batch 1 with an empty cache."""
-    from runtimes.generate import empty_cache
+    from runtimes.decoder_lm import prefill_feeds
 
-    ids = rng.integers(0, vocab, size=(1, length))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(length)[None],
-             **empty_cache(predictor.signature, 1)}
+    feeds = prefill_feeds(predictor.signature, rng.integers(0, vocab, size=(1, length)))
     start = time.perf_counter()
     predictor.predict(feeds)
     return time.perf_counter() - start

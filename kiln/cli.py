@@ -69,14 +69,18 @@ def _json_mode(ctx: click.Context, as_json: bool) -> None:
 @click.option("--no-verify", "skip_verify", is_flag=True, help="Skip verification against PyTorch (recorded in the manifest).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--passes", help="Comma-separated optimization passes instead of the recipe; `--passes list` shows the recipe.")
+@click.option("--pass-option", "pass_options", multiple=True, metavar="PASS.KEY=VALUE",
+              help="Set a pass's option, e.g. int4.block_size=64 (repeatable; `--passes list` shows each pass's options).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="int8-static: calibrate on this text file (tokenized with the model's tokenizer) or .npz of token ids.")
 @click.option("--profile", help="TensorRT shape ranges, e.g. batch=1:1:8,sequence=1:1:512,past=0:512:1536.")
 @click.option("--auto", is_flag=True, help="Build every precision up to --budget, keep the fastest that passes verification.")
 @click.option("--budget", default="int4", show_default=True, help="With --auto: the most lossy precision allowed.")
 @click.option("--shape", default="batch=1,prompt=128,new=64", show_default=True, help="With --auto: the request to be fast on.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remote_code, passes, profile, auto, budget,
-            shape, as_json):
+def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remote_code, passes, pass_options,
+            calibration, profile, auto, budget, shape, as_json):
     """Convert SPEC into a verified engine directory.
 
     SPEC is a preset name (see `kiln presets`), a local Hugging Face model folder, or
@@ -94,12 +98,13 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
             from kiln.auto import convert_auto
 
             result = convert_auto(spec, target, output, budget=budget, shape=shape, force=force,
-                                  trust_remote_code=trust_remote_code, on_step=printer.on_step)
+                                  trust_remote_code=trust_remote_code, pass_options=list(pass_options),
+                                  calibration=calibration, on_step=printer.on_step)
         else:
             result = run_convert(
                 spec, target, precision, output, force=force, verify=not skip_verify,
-                trust_remote_code=trust_remote_code, passes=passes.split(",") if passes else None, profile=profile,
-                on_step=printer.on_step,
+                trust_remote_code=trust_remote_code, passes=passes.split(",") if passes else None,
+                pass_options=list(pass_options), calibration=calibration, profile=profile, on_step=printer.on_step,
             )
     manifest = result.manifest
     if as_json:
@@ -129,32 +134,37 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
 
 
 def _print_recipe(target: str, precision: str, as_json: bool) -> None:
-    """The passes convert would run for (target, precision), one per line with what it does."""
+    """The passes convert would run for (target, precision), one per line with what it does and its options."""
+    from kiln.backends import backend_of
     from kiln.targets import target_named
-    from optimizers import recipe_for
+    from optimizers import describe_options
     from optimizers.passes import PASSES
 
     spec = target_named(target, precision)
-    if spec.backend == "aoti":  # no ONNX graph: the one pass acts at capture
-        names, optional = [], ["kiln_attention"]
-    else:
-        names = recipe_for(spec.recipe, precision) if spec.recipe else ["cleanup"]
-        optional = ["kiln_attention"] if spec.backend == "tensorrt" else []
+    backend = backend_of(spec)
+    names = backend.recipe(spec, precision) if backend.recipe else []
+    optional = [p for p in backend.optional_passes if p not in names]
     if as_json:
-        click.echo(json.dumps({"target": target, "precision": precision, "passes": names, "optional": optional}))
+        click.echo(json.dumps({"target": target, "precision": precision, "passes": names, "optional": optional,
+                               "options": {n: describe_options(PASSES[n]) for n in names + optional}}))
         return
-    for name in names:
-        click.echo(f"{name:<24} {PASSES[name].description}")
-    for name in optional:
-        click.echo(f"{name:<24} optional (--passes {','.join(names + [name])}): {PASSES[name].description}")
+    for name in names + optional:
+        how = f"optional (--passes {','.join(names + [name])}): " if name in optional else ""
+        click.echo(f"{name:<24} {how}{PASSES[name].description}")
+        for line in describe_options(PASSES[name]):
+            click.echo(f"{'':<26}--pass-option {name}.{line}")
 
 
 def _summary(manifest: dict) -> dict:
+    from runtimes.engine_dir import engine_device, engine_kind
+
     return {
         "target": manifest["target"],
         "precision": manifest["precision"],
         "backend": manifest["backend"],
-        "source": {k: manifest["source"][k] for k in ("spec", "kind", "family", "weights_sha256")},
+        "kind": engine_kind(manifest),
+        "device": engine_device(manifest),
+        "source": {k: manifest["source"].get(k) for k in ("spec", "origin", "family", "weights_sha256")},
         "steps": manifest["steps"],
         "passes": manifest.get("passes", []),
         "auto": manifest.get("auto"),
@@ -172,16 +182,16 @@ def _summary(manifest: dict) -> dict:
 @click.pass_context
 def inspect(ctx, engine_dir, report_path, with_bench, as_json):
     """Summarize an engine: source, target, steps, verification, op histogram and file sizes."""
-    import onnx
-
-    from runtimes.engine_dir import read_manifest
+    from kiln.backends import backend_named
+    from runtimes.engine_dir import graph_entries, read_manifest
 
     _json_mode(ctx, as_json)
     manifest = read_manifest(engine_dir)
+    histogram = backend_named(manifest["backend"]).op_histogram
     ops: Counter = Counter()
-    if manifest.get("model_file", "").endswith(".onnx"):
-        graph = onnx.load(engine_dir / manifest["model_file"], load_external_data=False).graph
-        ops.update(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}" for node in graph.node)
+    for graph in graph_entries(manifest).values():
+        if histogram is not None:
+            ops.update(histogram(engine_dir / graph["file"]))
     document = {"engine_dir": str(engine_dir), **_summary(manifest), "op_histogram": dict(ops.most_common())}
     if report_path:
         _write_report(engine_dir, manifest, dict(ops.most_common()), report_path, with_bench)
@@ -191,8 +201,8 @@ def inspect(ctx, engine_dir, report_path, with_bench, as_json):
         return
     source = manifest["source"]
     click.echo(f"engine      {engine_dir}")
-    click.echo(f"source      {source['spec']} ({source['kind']}, family {source['family']})")
-    click.echo(f"target      {manifest['target']} / {manifest['precision']} on {manifest['backend']}")
+    click.echo(f"source      {source['spec']} ({document['kind']} from a {source['origin']}, family {source['family']})")
+    click.echo(f"target      {manifest['target']} / {manifest['precision']} on {manifest['backend']} ({document['device']})")
     click.echo("steps       " + ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in manifest["steps"]))
     verification = manifest["verification"]
     if verification.get("skipped"):
@@ -338,7 +348,6 @@ def verify(ctx, engine_dir, as_json):
     """Check an engine's files against its manifest, then re-run its fidelity check against PyTorch."""
     import runtimes
     from kiln.reference import load_reference
-    from kiln.targets import device_of
     from kiln.verify import VerificationInputs, compare
     from runtimes.engine_dir import read_manifest
 
@@ -346,7 +355,7 @@ def verify(ctx, engine_dir, as_json):
     manifest = read_manifest(engine_dir)
     stored = manifest["verification"].get("inputs")
     inputs = VerificationInputs(**stored) if stored else VerificationInputs()
-    with runtimes.load(engine_dir, device=device_of(manifest["target"])) as engine:
+    with runtimes.load(engine_dir) as engine:
         report = compare(engine, load_reference(engine_dir), manifest["source"]["config"]["vocab_size"],
                          manifest["precision"], inputs)
     if not report["passed"]:

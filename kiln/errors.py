@@ -1,6 +1,7 @@
 """User-facing errors of the spine and the exit codes the CLI maps them to."""
 from exporter.errors import ExportError, ModelSourceError
 from optimizers.errors import PassFailed, RecipeError
+from plugins.errors import PluginBuildError
 from runtimes.errors import EngineError, FeedError
 
 EXIT_OK = 0
@@ -26,7 +27,9 @@ class VerificationFailed(KilnError):
 
 
 # Errors the lower packages raise for bad input: also user errors (exit 2), never tracebacks.
-USER_ERRORS = (KilnError, ModelSourceError, ExportError, RecipeError, PassFailed, EngineError, FeedError)
+# A plugin build failure names the missing or failing compiler: the host's state, not a bug.
+USER_ERRORS = (KilnError, ModelSourceError, ExportError, RecipeError, PassFailed, EngineError, FeedError,
+               PluginBuildError)
 
 
 def exit_code_of(error: BaseException) -> int:

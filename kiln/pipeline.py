@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from kiln.backends import BuildRequest, backend_of, refuse_unhosted_passes
+from kiln.calibration import read_calibration
 from kiln.errors import KilnError, VerificationFailed
 from kiln.manifest import write_json, write_manifest
 from kiln.reference import reference_predictor
-from kiln.targets import Target, missing_on_host, target_named
+from kiln.targets import missing_on_host, target_named
 from kiln.verify import VerificationInputs, compare
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -56,18 +58,32 @@ def convert(
     trust_remote_code: bool = False,
     external_data_threshold: int | None = None,
     passes: list[str] | None = None,
+    pass_options: dict | list[str] | None = None,
+    calibration: str | os.PathLike | None = None,
     profile: str | None = None,
     on_step: StepCallback | None = None,
 ) -> ConvertResult:
     """Build a verified engine directory for `spec` and return its path and manifest.
 
-    `passes` overrides the optimization recipe of (target, precision); `profile` is the TensorRT
-    shape ranges, `batch=1:1:8,sequence=1:1:512,past=0:512:1536`.
+    `passes` overrides the optimization recipe of (target, precision); `pass_options` sets the passes'
+    declared options (`{"int4": {"block_size": 64}}` or `["int4.block_size=64"]`); `calibration` is a text
+    file (tokenized with the model's tokenizer) or an `.npz` of token ids for int8-static; `profile` is the
+    TensorRT shape ranges, `batch=1:1:8,sequence=1:1:512,past=0:512:1536`.
 
     Raises VerificationFailed (exit 3) when the engine differs from PyTorch beyond the tolerance of
     `precision`, and other KilnErrors (exit 2) for bad input.
     """
+    from optimizers import parse_pass_options, passes_named
+
     target_spec = target_named(target, precision)
+    backend = backend_of(target_spec)
+    if passes:
+        passes_named(passes)  # unknown names are refused before any work
+        refuse_unhosted_passes(backend, passes)
+    if isinstance(pass_options, (list, tuple)):
+        pass_options = parse_pass_options(list(pass_options))
+    request = BuildRequest(target_spec, precision, passes, dict(pass_options or {}), profile=profile,
+                           external_data_threshold=external_data_threshold)
     missing = missing_on_host(target_spec)
     if missing:
         raise KilnError(f"target {target!r} cannot be built on this machine: {missing}")
@@ -95,56 +111,57 @@ def convert(
             from exporter import load_model
 
             loaded = load_model(spec, trust_remote_code=trust_remote_code)
+            if calibration is not None:
+                request.calibration = read_calibration(Path(calibration), loaded)
         with step("export"):
-            graph = _capture(loaded, workdir, target_spec, external_data_threshold, passes)
+            graphs = backend.capture(loaded, workdir, request)
             tokenizer = _copy_tokenizer(loaded.tokenizer_dir, workdir)
         pass_reports = []
-        if graph.path.suffix == ".onnx":
+        if backend.recipe is not None:
             with step("optimize"):
-                pass_reports = _optimize(graph.path, loaded, target_spec, precision, passes)
-        engine_fields = {}
-        if target_spec.backend == "tensorrt":
-            with step("build"):
-                engine_fields = _build_tensorrt(graph.path, workdir, loaded, precision, profile)
+                pass_reports = _optimize(graphs, loaded, request, backend.recipe(target_spec, precision))
         fields = {
+            "kind": loaded.kind,
             "source": {
                 "spec": spec,
-                "kind": loaded.kind,
+                "origin": loaded.origin,
                 "family": loaded.family.name,
                 "config": json.loads(loaded.config.to_json_string(use_diff=False)),
                 "weights_sha256": loaded.weights_sha256,
             },
             "target": target,
             "precision": precision,
-            "backend": target_spec.backend,
-            "providers": list(target_spec.providers),
-            "model_file": graph.path.name,
-            "external_data": graph.path.with_name(graph.path.name + ".data").exists(),
-            "opset": graph.opset,
+            "backend": backend.name,
+            "device": target_spec.device,
+            "graphs": {role: {"file": g.path.relative_to(workdir).as_posix(), "signature": g.signature.to_json()}
+                       for role, g in graphs.items()},
+            "opset": max(g.opset for g in graphs.values()),
             "tokenizer": tokenizer,
-            "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graph),
+            "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graphs),
+            **backend.manifest_fields(target_spec),
         }
-        if graph.torch_ops:
-            fields["torch_ops"] = sorted(graph.torch_ops)  # to be loaded before the package (plugins.load_torch_op)
-        from exporter.capture import contract_signature
-
-        fields["signature"] = contract_signature(loaded.facts)
-        fields.update(engine_fields)
+        torch_ops = sorted({op for g in graphs.values() for op in g.torch_ops})
+        if torch_ops:
+            fields["torch_ops"] = torch_ops  # to be loaded before the package (plugins.load_torch_op)
+        if backend.build is not None:
+            with step("build"):
+                fields.update(backend.build(graphs, workdir, loaded, request))
         write_manifest(workdir, dict(fields, steps=steps, verification={"skipped": True}))
         import runtimes
 
-        with runtimes.load(workdir, device=target_spec.device) as engine:
-            fields["signature"] = engine.signature.to_json()
+        with runtimes.load(workdir) as engine:
+            for role, graph in engine.graphs.items():
+                fields["graphs"][role]["signature"] = graph.signature.to_json()
             if verify:
                 with step("verify"):
-                    reference = reference_predictor(loaded, engine.signature)
+                    reference = reference_predictor(loaded, {role: g.signature for role, g in engine.graphs.items()})
                     report = compare(engine, reference, loaded.facts.vocab_size, precision, VerificationInputs())
             else:
                 report = {"skipped": True, "passed": None}
         if report.get("passed") is False:
             message = f"verification failed for {spec} ({target}, {precision}): " + "; ".join(report["failures"])
-            if pass_reports and target_spec.backend == "onnxruntime":
-                report["error_by_pass"] = _error_by_pass(loaded, workdir / "blame", target_spec, precision,
+            if pass_reports and backend.open_graph is not None:
+                report["error_by_pass"] = _error_by_pass(loaded, workdir / "blame", backend, request,
                                                          [r.name for r in pass_reports], engine.signature)
                 worst = max(report["error_by_pass"], key=lambda e: e["growth"])
                 message += f"; the error grew most in pass {worst['after']!r} (x{worst['growth']:.3g})"
@@ -162,81 +179,62 @@ def convert(
     return ConvertResult(output, manifest, steps)
 
 
-def _capture(loaded, workdir: Path, target: Target, external_data_threshold: int | None, passes: list[str] | None):
-    if target.backend == "aoti":
-        from exporter.aoti import capture_aoti
-
-        return capture_aoti(loaded, workdir, device=target.device, kiln_attention=_aoti_kiln_attention(loaded, target, passes))
-    from exporter.capture import EXTERNAL_DATA_THRESHOLD, capture
-
-    threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
-    return capture(loaded, workdir, external_data_threshold=threshold)
-
-
-def _captured_pass_reports(graph) -> list[dict]:
+def _captured_pass_reports(graphs: dict) -> list[dict]:
     """kiln_attention on an AOTInductor package, in the shape of an ONNX pass's report."""
-    if not graph.torch_ops:
-        return []
     from optimizers import PassReport
 
-    calls = {op.replace(".default", ""): count for op, count in graph.torch_ops.items()}
+    calls = {op.replace(".default", ""): count for g in graphs.values() for op, count in g.torch_ops.items()}
+    if not calls:
+        return []
     return [PassReport("kiln_attention", changed=True, fused=calls,
                        details={"via": "transformers' AttentionInterface, at capture"}).to_json()]
 
 
-def _aoti_kiln_attention(loaded, target: Target, passes: list[str] | None) -> bool:
-    """AOTInductor packages take one pass, kiln_attention, applied while the model is captured."""
-    from exporter.kiln_attention import FAMILIES
+def pass_context(loaded, request: BuildRequest):
+    """What the passes may read: target, precision, the model's sizes and family record, options, calibration."""
+    from optimizers import PassContext
 
-    if not passes:
-        return False
-    if set(passes) != {"kiln_attention"}:
-        raise KilnError(f"target {target.name!r} builds no ONNX graph: its only pass is kiln_attention (got {', '.join(passes)})")
-    if loaded.family.name not in FAMILIES:
-        raise KilnError(
-            f"kiln_attention on {target.name!r} routes transformers' attention registry to the plugin op, which "
-            f"{', '.join(FAMILIES)} layers use; {loaded.family.name} computes its attention inline"
-        )
-    return True
+    calibration = request.calibration
+    return PassContext(
+        target=request.target.name, recipe=request.target.recipe, precision=request.precision, facts=loaded.facts,
+        family=loaded.family, options=request.pass_options,
+        calibration=calibration.feeds if calibration else None,
+        calibration_source=calibration.source if calibration else None,
+    )
 
 
-def _optimize(model_path: Path, loaded, target: Target, precision: str, passes: list[str] | None) -> list:
-    """Run the recipe of (target, precision), or `passes`, over model.onnx in place; returns the reports."""
-    from optimizers import PassContext, run_recipe
+def _optimize(graphs: dict, loaded, request: BuildRequest, recipe: list[str]) -> list:
+    """Run `request.passes` (else `recipe`) over each captured ONNX graph in place; returns the reports."""
+    from optimizers import run_recipe
 
-    if passes is None:
-        passes = None if target.recipe else ["cleanup"]
-    context = PassContext(target=target.recipe or target.name, precision=precision, facts=loaded.facts,
-                          family=loaded.family.name)
-    model, reports = run_recipe(model_path, context, passes=passes, output=model_path)
-    # An onnx_ir graph is a web of cycles (nodes <-> graph): without a collection its weights would stay in
-    # memory through verification, the peak of a conversion.
-    del model
-    gc.collect()
+    reports = []
+    for graph in graphs.values():
+        model, graph_reports = run_recipe(graph.path, pass_context(loaded, request), passes=request.passes or recipe,
+                                          output=graph.path)
+        reports += graph_reports
+        # An onnx_ir graph is a web of cycles (nodes <-> graph): without a collection its weights would stay in
+        # memory through verification, the peak of a conversion.
+        del model
+        gc.collect()
     return reports
 
 
-def _error_by_pass(loaded, scratch: Path, target: Target, precision: str, passes: list[str], signature) -> list[dict]:
+def _error_by_pass(loaded, scratch: Path, backend, request: BuildRequest, passes: list[str], signature) -> list[dict]:
     """Export again and verify the model after each pass, to say which pass made the error grow."""
-    from exporter.capture import capture
-    from optimizers import PassContext, run_recipe, save
-    from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
+    from optimizers import run_recipe, save
 
     scratch.mkdir()
-    reference = reference_predictor(loaded, signature)
-    graph = capture(loaded, scratch)
-    figures = [{"after": "export", **_logits_error(OnnxRuntimePredictor(graph.path, target.providers), reference,
-                                                   loaded, precision)}]
+    graph = backend.capture(loaded, scratch, request)["model"]
+    reference = reference_predictor(loaded, {"model": signature})
+    target, precision = request.target, request.precision
+    figures = [{"after": "export", **_logits_error(backend.open_graph(graph.path, target), reference, loaded, precision)}]
 
     def measure(report, model) -> None:
         path = scratch / f"after-{report.name}.onnx"
         save(model, path)
-        figures.append({"after": report.name, **_logits_error(OnnxRuntimePredictor(path, target.providers), reference,
-                                                              loaded, precision)})
+        figures.append({"after": report.name, **_logits_error(backend.open_graph(path, target), reference, loaded, precision)})
 
-    context = PassContext(target=target.recipe or target.name, precision=precision, facts=loaded.facts,
-                          family=loaded.family.name)
-    run_recipe(graph.path, context, passes=passes, after_pass=measure)
+    run_recipe(graph.path, pass_context(loaded, request), passes=passes, after_pass=measure)
     for before, after in zip(figures, figures[1:]):
         after["growth"] = after["max_abs"] / max(before["max_abs"], 1e-12)
     figures[0]["growth"] = 1.0
@@ -246,17 +244,6 @@ def _error_by_pass(loaded, scratch: Path, target: Target, precision: str, passes
 def _logits_error(engine, reference, loaded, precision: str) -> dict:
     logits = compare(engine, reference, loaded.facts.vocab_size, precision, VerificationInputs())["logits"]
     return {k: logits[k] for k in ("max_abs", "relative", "top1_agreement", "kl_mean")}
-
-
-def _build_tensorrt(onnx_path: Path, workdir: Path, loaded, precision: str, profile: str | None) -> dict:
-    """engine.plan from the optimized ONNX; the ONNX files are then dropped: the plan is the engine."""
-    from kiln.tensorrt_build import build_engine_files
-
-    max_positions = getattr(loaded.config, "max_position_embeddings", None) or getattr(loaded.config, "n_positions", None)
-    fields = build_engine_files(onnx_path, workdir, precision, profile=profile, max_positions=max_positions)
-    for path in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
-        path.unlink(missing_ok=True)
-    return fields
 
 
 def refuse_existing(output: Path, force: bool) -> None:

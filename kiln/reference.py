@@ -1,4 +1,4 @@
-"""The PyTorch eager reference for an engine: its source model behind the Predictor interface."""
+"""The PyTorch eager reference for an engine: its source model behind its kind's Predictor interface."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +7,15 @@ from kiln.errors import KilnError
 from runtimes.signature import Signature
 
 
-def reference_predictor(loaded, signature: Signature):
-    """A TorchPredictor running `loaded` (an exporter.LoadedModel) with the engine's signature."""
-    from exporter.capture import DecoderWithCache
+def reference_predictor(loaded, signatures: dict[str, Signature]):
+    """The kind's Predictor running `loaded` (an exporter.LoadedModel) in eager, with the engine's graph signatures."""
+    from exporter.graphs import export_kind
+    from runtimes.loading import kind_predictor
     from runtimes.torch_adapter import TorchPredictor
 
-    wrapper = DecoderWithCache(loaded.module, loaded.facts.layers)
-    return TorchPredictor(wrapper.flat_forward, signature)
+    functions = export_kind(loaded.kind, loaded.spec).load().eager_functions(loaded)
+    graphs = {role: TorchPredictor(functions[role], signature) for role, signature in signatures.items()}
+    return kind_predictor(loaded.kind)(graphs)
 
 
 def load_reference(engine_dir, trust_remote_code: bool = False):
@@ -22,7 +24,7 @@ def load_reference(engine_dir, trust_remote_code: bool = False):
     Refuses when the source's weights are no longer those the engine was built from.
     """
     from exporter import load_model
-    from runtimes.engine_dir import read_manifest
+    from runtimes.engine_dir import graph_entries, read_manifest
 
     manifest = read_manifest(Path(engine_dir))
     source = manifest["source"]
@@ -32,4 +34,5 @@ def load_reference(engine_dir, trust_remote_code: bool = False):
             f"{engine_dir}: source {source['spec']!r} has changed since the engine was built "
             f"(weights sha256 {loaded.weights_sha256[:12]}…, manifest says {source['weights_sha256'][:12]}…)"
         )
-    return reference_predictor(loaded, Signature.from_json(manifest["signature"]))
+    signatures = {role: Signature.from_json(graph["signature"]) for role, graph in graph_entries(manifest).items()}
+    return reference_predictor(loaded, signatures)

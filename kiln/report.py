@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtimes.engine_dir import engine_kind
+
 
 def markdown_report(engine_dir: Path, manifest: dict, ops: dict[str, int], bench: dict | None = None,
                     plot_name: str | None = None) -> str:
@@ -10,7 +12,7 @@ def markdown_report(engine_dir: Path, manifest: dict, ops: dict[str, int], bench
     lines = [
         f"# {Path(engine_dir).name}",
         "",
-        f"- source: `{source['spec']}` ({source['kind']}, family {source['family']}), weights sha256 `{source['weights_sha256'][:16]}…`",
+        f"- source: `{source['spec']}` ({engine_kind(manifest)} from a {source.get('origin')}, family {source['family']}), weights sha256 `{source['weights_sha256'][:16]}…`",
         f"- target: {manifest['target']} / {manifest['precision']} on {manifest['backend']}, torchkiln {manifest['torchkiln_version']}, "
         f"built {manifest['created']}",
         "- steps: " + ", ".join(f"{s['name']} {s['seconds']:.1f} s" for s in manifest["steps"]),

@@ -1,8 +1,9 @@
 """The TensorRT target's builder: ONNX -> serialized plan, with optimization profiles and caches.
 
-The pipeline's entry point is `build_engine_files`. Everything but `build_plan` and `host_facts` is
-plain arithmetic on names and shapes, tested where TensorRT is absent; those two import tensorrt
-(and torch, for the GPU's name) when called.
+The backend record (kiln/backends/tensorrt.py) calls `build_engine_files`; profiles are parsed in
+kiln/tensorrt_profile.py. Everything but `build_plan` and `host_facts` is plain arithmetic on names,
+shapes and digests, tested where TensorRT is absent; those two import tensorrt (and torch, for the GPU's
+name) when called.
 """
 from __future__ import annotations
 
@@ -16,140 +17,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from kiln.errors import KilnError
+from kiln.tensorrt_profile import ShapeRange, parse_profile, profile_shapes
+from plugins.cache import user_cache_dir
+from plugins.onnx_node import tag_plugin_nodes
 from runtimes.signature import Signature, TensorSpec
 
 PLAN_FILE = "engine.plan"
 TIMING_CACHE_FILE = "timing.cache"
 NOT_INSTALLED = "TensorRT is not installed: pip install tensorrt on a machine with an NVIDIA GPU"
-
-# min, opt, max of each dim of one input: what IOptimizationProfile.set_shape takes.
-ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class DimRange:
-    min: int
-    opt: int
-    max: int
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Ranges of the contract's dynamic dims; total_sequence follows from past_sequence + sequence."""
-
-    batch: DimRange
-    sequence: DimRange
-    past_sequence: DimRange
-
-    @property
-    def total_sequence(self) -> DimRange:
-        past, seq = self.past_sequence, self.sequence
-        return DimRange(past.min + seq.min, past.opt + seq.opt, past.max + seq.max)
-
-    def dims(self) -> dict[str, DimRange]:
-        return {"batch": self.batch, "sequence": self.sequence, "past_sequence": self.past_sequence,
-                "total_sequence": self.total_sequence}
-
-
-# Opt is the decode step (one new token after a long past): decode steps outnumber prefills.
-DEFAULT_PROFILE = Profile(DimRange(1, 1, 8), DimRange(1, 1, 512), DimRange(0, 512, 1536))
-_FIELDS = {"batch": "batch", "sequence": "sequence", "past": "past_sequence", "past_sequence": "past_sequence"}
-_LOWEST = {"batch": 1, "sequence": 1, "past_sequence": 0}  # a prefill has no past; a step has a token
-
-
-def parse_profile(text: str | None, max_positions: int | None = None) -> Profile:
-    """`"batch=1:4:8,sequence=1:128:512,past=0:512:2048"` -> Profile; fields left out keep the defaults.
-
-    A field is `min:opt:max` or one number (fixed). Defaults shrink to fit `max_positions` (the
-    model's position table); ranges given explicitly beyond it are an error.
-    """
-    given: dict[str, DimRange] = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in _FIELDS:
-            raise KilnError(
-                f"--profile: expected fields batch=, sequence=, past= (min:opt:max each), got {item.strip()!r}"
-            )
-        field = _FIELDS[key]
-        if field in given:
-            raise KilnError(f"--profile: field {key!r} is given twice")
-        given[field] = _parse_range(key, value.strip(), _LOWEST[field])
-    ranges = {}
-    for field, default in DEFAULT_PROFILE.dims().items():
-        if field == "total_sequence":
-            continue
-        limit = _position_limit(field, max_positions)
-        if field in given:
-            if limit is not None and given[field].max > limit:
-                raise KilnError(
-                    f"--profile: field {_key_of(field)!r}: max {given[field].max} exceeds the model's "
-                    f"{max_positions} positions (expected at most {limit})"
-                )
-            ranges[field] = given[field]
-        else:
-            ranges[field] = _clamp(default, limit)
-    return Profile(**ranges)
-
-
-def _parse_range(key: str, value: str, lowest: int) -> DimRange:
-    expected = f"min:opt:max integers (or one integer) with {lowest} <= min <= opt <= max"
-    parts = value.split(":")
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        numbers = []
-    if len(numbers) == 1:
-        numbers *= 3
-    if len(numbers) != 3 or not lowest <= numbers[0] <= numbers[1] <= numbers[2]:
-        raise KilnError(f"--profile: field {key!r}: expected {expected}, got {value!r}")
-    return DimRange(*numbers)
-
-
-def _position_limit(field: str, max_positions: int | None) -> int | None:
-    if max_positions is None or field == "batch":
-        return None
-    # A past of max_positions - 1 still leaves room for the one token of a decode step.
-    return max_positions if field == "sequence" else max_positions - 1
-
-
-def _clamp(default: DimRange, limit: int | None) -> DimRange:
-    if limit is None:
-        return default
-    return DimRange(min(default.min, limit), min(default.opt, limit), min(default.max, limit))
-
-
-def _key_of(field: str) -> str:
-    return "past" if field == "past_sequence" else field
-
-
-def profile_shapes(signature: Signature, profile: Profile) -> dict[str, ShapeRange]:
-    """Every input of `signature` -> (min, opt, max) shapes, its symbolic dims looked up in `profile`.
-
-    e.g. `past_key_values.0.key [batch, 4, past_sequence, 16]` -> ((1,4,0,16), (1,4,512,16), (8,4,1536,16)).
-    """
-    dims = profile.dims()
-    shapes = {}
-    for spec in signature.inputs:
-        low, opt, high = [], [], []
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, int):
-                size = DimRange(dim, dim, dim)
-            elif dim in dims:
-                size = dims[dim]
-            else:
-                raise KilnError(
-                    f"input {spec.name!r}: axis {axis} is {dim!r}; a TensorRT profile covers "
-                    f"{', '.join(dims)} and fixed sizes only"
-                )
-            low.append(size.min)
-            opt.append(size.opt)
-            high.append(size.max)
-        shapes[spec.name] = (tuple(low), tuple(opt), tuple(high))
-    return shapes
-
 
 def onnx_signature(onnx_path: Path) -> Signature:
     """Names, dtypes and symbolic shapes of the graph's inputs and outputs (weights are not read)."""
@@ -237,27 +112,6 @@ def engine_cache_key(
         "plugin": plugin_digest,
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
-
-
-def tag_plugin_nodes(model) -> int:
-    """Mark kiln::CausalAttention nodes for TensorRT's ONNX parser; returns how many there are.
-
-    The parser finds a plugin by op_type plus the `plugin_namespace` / `plugin_version` attributes (not
-    the ONNX domain), and takes its ahead-of-time implementation only when `aot` is set.
-    """
-    from onnx import helper
-
-    from plugins.tensorrt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
-
-    wanted = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
-    count = 0
-    for node in model.graph.node:
-        if node.domain != PLUGIN_NAMESPACE or node.op_type != PLUGIN_NAME:
-            continue
-        present = {a.name for a in node.attribute}
-        node.attribute.extend(helper.make_attribute(k, v) for k, v in wanted.items() if k not in present)
-        count += 1
-    return count
 
 
 def check_int8_graph(model) -> None:
@@ -406,9 +260,8 @@ def build_or_reuse_plan(
 
 
 def default_cache_dir() -> Path:
-    """build/tensorrt/ at the repository root, or $KILN_TENSORRT_CACHE_DIR."""
-    override = os.environ.get("KILN_TENSORRT_CACHE_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "build" / "tensorrt"
+    """tensorrt/ in the user's cache folder (KILN_CACHE_DIR overrides)."""
+    return user_cache_dir() / "tensorrt"
 
 
 def _problem(error) -> ParserProblem:
@@ -455,7 +308,7 @@ def build_engine_files(
     """The tensorrt target's build step: `engine_dir/engine.plan` from the captured (optimized) ONNX.
 
     `profile` is the CLI's `batch=..,sequence=..,past=..` text. Returns the manifest fields to merge:
-    backend, model_file, signature (the ONNX's dim names, which a plan forgets) and `tensorrt` (what
+    the graph's entry (the plan, and the ONNX's dim names, which a plan forgets) and `tensorrt` (what
     the plan is tied to, its profile and cache key). The ONNX files are left for the caller to remove.
     """
     signature = onnx_signature(onnx_path)
@@ -464,9 +317,6 @@ def build_engine_files(
     report = build_or_reuse_plan(onnx_path, Path(engine_dir) / PLAN_FILE, [shapes], precision, cache_dir, plugin_ptx)
     profile_record = {name: [r.min, r.opt, r.max] for name, r in ranges.dims().items()}
     return {
-        "backend": "tensorrt",
-        "model_file": PLAN_FILE,
-        "external_data": False,
-        "signature": signature.to_json(),
+        "graph": {"file": PLAN_FILE, "signature": signature.to_json()},
         "tensorrt": dict(report.to_json(), profile=profile_record),
     }

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtimes.generate import carried_cache, empty_cache
+from runtimes.decoder_lm import next_feeds, prefill_feeds
 from runtimes.predictor import Predictor
 
 
@@ -41,16 +41,13 @@ def run_steps(predictor: Predictor, vocab_size: int, inputs: VerificationInputs)
     """Outputs of a prefill of `prompt` random tokens and `decode_steps` single-token steps after it."""
     rng = np.random.default_rng(inputs.seed)
     tokens = rng.integers(0, vocab_size, size=(inputs.batch, inputs.prompt + inputs.decode_steps), dtype=np.int64)
-    feeds = empty_cache(predictor.signature, inputs.batch)
-    steps, start = [], 0
-    for end in [inputs.prompt] + list(range(inputs.prompt + 1, inputs.prompt + inputs.decode_steps + 1)):
-        feeds["input_ids"] = tokens[:, start:end]
-        feeds["attention_mask"] = np.ones((inputs.batch, end), dtype=np.int64)
-        feeds["position_ids"] = np.broadcast_to(np.arange(start, end, dtype=np.int64), (inputs.batch, end - start)).copy()
+    feeds = prefill_feeds(predictor.signature, tokens[:, :inputs.prompt])
+    steps = []
+    for column in range(inputs.prompt, inputs.prompt + inputs.decode_steps + 1):
         outputs = predictor.predict(feeds)
         steps.append(outputs)
-        feeds.update(carried_cache(predictor.signature, outputs))
-        start = end
+        if column < tokens.shape[1]:
+            feeds = next_feeds(predictor.signature, feeds, outputs, tokens[:, column:column + 1])
     return steps
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optimizers.recipe import PassContext, add_initializer
+from optimizers.pass_types import Pass, PassContext, add_initializer
 
 
 def cleanup(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
@@ -19,6 +19,9 @@ def cleanup(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     optimize(model)
     after = sum(1 for _ in model.graph.all_nodes())
     return model, {"nodes_removed": before - after, "shape_rewrites": simplified}
+
+
+CLEANUP = Pass("cleanup", cleanup, "constant folding, dead code, shape-expression simplification (onnxscript)")
 
 
 def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
@@ -58,6 +61,9 @@ def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Mo
     if folded:
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return model, {"weights_folded": folded}
+
+
+FOLD_WEIGHT_TRANSPOSES = Pass("fold_weight_transposes", fold_weight_transposes, "transposed weights stored as initializers")
 
 
 def _is_2d_initializer(value: ir.Value | None) -> bool:

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
 
-from optimizers.recipe import PassContext
+from optimizers.pass_types import Pass, PassContext, PassOption
 
 ATTENTION_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention")
 _PAST_INPUT = {"MultiHeadAttention": 6, "GroupQueryAttention": 3, "Attention": 4}  # index of the past (key)
@@ -143,26 +143,6 @@ def _optimize_for_ort(model: ir.Model, rotary_cache: bool) -> tuple[ir.Model, di
     return model, counts
 
 
-# What the stock fusions give each family's export today, and why attention is not fused where it is not.
-ATTENTION_NOTES = {
-    "gpt2": "MultiHeadAttention with past/present per layer (cache concatenated inside the op)",
-    "llama": (
-        "MultiHeadAttention per layer without past (rotary, cache concat and KV-head expansion stay outside the "
-        "op). Option fusion.gqa=True forms GroupQueryAttention with rotary and cache inside, through our "
-        "cos/sin-cache rule; it is off by default because GQA derives positions from the mask's count of ones, "
-        "which is wrong for left-padded batches"
-    ),
-    "gpt-neo": (
-        "not fused: GPT-Neo scales no attention scores and masks local layers with a window, a graph "
-        "onnxscript's SDPA patterns do not match"
-    ),
-    "bloom": (
-        "not fused: BLOOM adds ALiBi position bias to the scores through baddbmm, which onnxscript's SDPA "
-        "patterns do not match (MultiHeadAttention could take it as attention_bias; no rule written yet)"
-    ),
-}
-
-
 def fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Our pre-fusion rules, then `optimize_for_ort`'s fusions; details carry the rule counts and the attention verdict."""
     shapes = _io_shapes(model)
@@ -172,7 +152,7 @@ def fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
         own[rule.name] = pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
     # GroupQueryAttention takes positions and cache lengths from the mask's count of ones: right for batch 1
     # and unpadded batches, wrong for left-padded rows (measured: logits off by 0.8 on tiny-llama). Opt-in.
-    gqa = bool(context.option("fusion", "gqa", False))
+    gqa = context.option("fusion", "gqa")
     model, counts = _optimize_for_ort(model, rotary_cache=gqa)
     _restore_io_shapes(model, shapes)
     nodes = list(model.graph.all_nodes())
@@ -188,8 +168,23 @@ def fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
         "attention_nodes": len(attention),
         "attention_with_cache": with_cache,
         "attention_fused": bool(layers) and len(attention) == layers,
-        "attention_note": ATTENTION_NOTES.get(context.family or "", ""),
+        "attention_note": context.family.fusion_note if context.family else "",
     }
+
+
+FUSION = Pass(
+    "fusion", fusion, "ONNX Runtime fused ops: attention, skip/RMS norms, GELU (onnxscript ort_fusions)",
+    options=(
+        PassOption("gqa", bool, False, "form GroupQueryAttention (rotary and cache inside); wrong for left-padded batches"),
+    ),
+    creates=(
+        "com.microsoft::MultiHeadAttention", "com.microsoft::GroupQueryAttention", "com.microsoft::Attention",
+        "com.microsoft::SkipLayerNormalization", "com.microsoft::SkipSimplifiedLayerNormalization",
+        "com.microsoft::SimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+        "com.microsoft::RotaryEmbedding", "com.microsoft::FastGelu", "com.microsoft::BiasGelu", "com.microsoft::Gelu",
+        "com.microsoft::FusedMatMul",
+    ),
+)
 
 
 def _io_shapes(model: ir.Model) -> dict[str, ir.Shape | None]:

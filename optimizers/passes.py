@@ -1,22 +1,42 @@
-"""Every pass by name: what recipes list and `kiln convert --passes` accepts."""
-from optimizers.cleanup import cleanup, fold_weight_transposes
-from optimizers.fusion import fusion
-from optimizers.plugin_attention import kiln_attention
-from optimizers.quantize import fp16, int4, int8_dynamic, int8_static
-from optimizers.recipe import FunctionPass
+"""Every pass by name (what recipes list and `kiln convert --passes` accepts), and pass options from the command line."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from optimizers.cleanup import CLEANUP, FOLD_WEIGHT_TRANSPOSES
+from optimizers.errors import RecipeError
+from optimizers.fusion import FUSION
+from optimizers.pass_types import options_summary
+from optimizers.plugin_attention import KILN_ATTENTION
+from optimizers.quantize import FP16, INT4, INT8_DYNAMIC, INT8_STATIC
 
 PASSES = {
-    p.name: p
-    for p in (
-        FunctionPass("cleanup", cleanup, "constant folding, dead code, shape-expression simplification (onnxscript)"),
-        FunctionPass("fold_weight_transposes", fold_weight_transposes, "transposed weights stored as initializers"),
-        FunctionPass("fusion", fusion, "ONNX Runtime fused ops: attention, skip/RMS norms, GELU (onnxscript ort_fusions)"),
-        FunctionPass("kiln_attention", kiln_attention,
-                     "attention -> the kiln plugin: a parity-checked kiln::CausalAttention node (TensorRT), "
-                     "or kiln::causal_attention calls in an AOTInductor package"),
-        FunctionPass("fp16", fp16, "weights and math to fp16, IO and sensitive ops kept fp32"),
-        FunctionPass("int8_dynamic", int8_dynamic, "int8 weights, dynamic activation quantization (onnxruntime)"),
-        FunctionPass("int8_static", int8_static, "int8 QDQ with calibrated activation ranges (onnxruntime)"),
-        FunctionPass("int4", int4, "int4 weight-only MatMulNBits blocks, LM head included (onnxruntime)"),
-    )
+    p.name: p for p in (CLEANUP, FOLD_WEIGHT_TRANSPOSES, FUSION, KILN_ATTENTION, FP16, INT8_DYNAMIC, INT8_STATIC, INT4)
 }
+
+
+def parse_pass_options(items: Iterable[str]) -> dict[str, dict]:
+    """`["int4.block_size=64", "fusion.gqa=true"]` -> `{"int4": {"block_size": 64}, "fusion": {"gqa": True}}`.
+
+    Each value is converted to the type its pass declares; anything else raises RecipeError naming what is allowed.
+    """
+    options: dict[str, dict] = {}
+    for item in items:
+        setting, equals, text = item.partition("=")
+        pass_name, dot, key = setting.strip().partition(".")
+        if not (equals and dot and pass_name and key):
+            raise RecipeError(f"pass option {item!r}: expected PASS.OPTION=VALUE, e.g. int4.block_size=64")
+        if pass_name not in PASSES:
+            raise RecipeError(f"pass option {item!r}: unknown pass {pass_name!r} (passes: {', '.join(PASSES)})")
+        declared = {o.name: o for o in PASSES[pass_name].options}
+        if key not in declared:
+            raise RecipeError(
+                f"pass option {item!r}: pass {pass_name!r} has no option {key!r} ({options_summary(PASSES[pass_name])})"
+            )
+        option = declared[key]
+        try:
+            value = option.parse(text)
+        except ValueError:
+            raise RecipeError(f"pass option {item!r}: {pass_name}.{key} expects {option.accepts}, got {text!r}") from None
+        options.setdefault(pass_name, {})[key] = value
+    return options

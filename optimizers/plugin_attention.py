@@ -1,12 +1,13 @@
 """Replace each layer's exported attention with torchkiln's own plugin node, kiln::CausalAttention.
 
-For runtimes that host the plugin (TensorRT, through plugins/tensorrt_plugin.py). The dynamo export
-computes attention, in every family, as
+For runtimes that host the plugin (TensorRT, through plugins/tensorrt_plugin.py; the pipeline refuses
+the pass on backends that do not). The dynamo export computes attention, in every family, as
 
     MatMul(q * s1, K' * s2) [* s3] [+ bias]... -> Softmax [-> Where(IsNaN)] [-> Reshape] -> MatMul(., V')
 
 where K' and V' are the layer's `present.N.key` / `present.N.value` outputs, reshaped, expanded over
-grouped-query heads or transposed, and the biases are the causal and padding mask (plus ALiBi for BLOOM).
+grouped-query heads or transposed, and the biases are those the family record names (`plugin_biases`: the
+causal and padding mask, plus ALiBi for BLOOM).
 The walk below finds q, the present key and value and the product of the scalar scales; the plugin then
 takes q (viewed as [batch, heads, q_len, head_dim]), the present cache, `attention_mask` as its key mask,
 and the family's ALiBi slopes. onnxscript's pattern rewriter is not used: one pattern per family and
@@ -25,18 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from optimizers.recipe import PassContext, add_initializer, initializer_bytes
+from optimizers.pass_types import Pass, PassContext, PassOption, add_initializer, initializer_bytes
+from plugins.onnx_node import DOMAIN, OP_TYPE, reference_evaluator
 
-DOMAIN = "kiln"
-OP_TYPE = "CausalAttention"
-# Targets whose runtime runs kiln::CausalAttention; ONNX Runtime has no kernel for it (no custom-op
-# library can be built against the ONNX Runtime wheel, which ships no headers).
-PLUGIN_TARGETS = ("tensorrt",)
-# Which biases the exported scores carry, per family: the plugin rebuilds exactly these.
-FAMILY_BIASES = {"gpt2": "causal + padding", "llama": "causal + padding", "bloom": "causal + padding + ALiBi"}
-UNSUPPORTED = {
-    "gpt-neo": "GPT-Neo's local layers mask a sliding window, which the plugin does not take",
-}
 _CACHE_OUTPUT = re.compile(r"present\.(\d+)\.(key|value)")
 _VIEW_OPS = ("Reshape", "Expand", "Unsqueeze", "Transpose")
 PARITY_CHECK_MAX_BYTES = 1 << 30
@@ -47,20 +39,18 @@ class NoMatch(Exception):
 
 
 def kiln_attention(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
-    target = context.target
-    if target not in PLUGIN_TARGETS:
-        raise ValueError(
-            f"kiln::CausalAttention runs on {', '.join(PLUGIN_TARGETS)} engines only; target {target!r} has no kernel for it"
-        )
-    family = context.family or ""
-    if family not in FAMILY_BIASES:
-        reason = UNSUPPORTED.get(family, f"no attention recipe for family {family!r}")
+    family = context.family
+    if family is None:
+        # The plugin rebuilds the biases the family's scores carry: without its record they are unknown.
+        return model, {"replaced": 0, "skipped": {"*": "no family record: which biases the scores carry is unknown"}}
+    if family.plugin_biases is None:
+        reason = family.plugin_refusal or f"the plugin cannot replace {family.name}'s attention"
         return model, {"replaced": 0, "skipped": {"*": reason}}
     if context.facts is None:
         raise ValueError("kiln_attention needs the model's head count (PassContext.facts)")
     heads = context.facts.heads
     # The check runs the exported graph from a serialized copy: protobuf's 2 GB limit, and memory, bound it.
-    check = context.option("kiln_attention", "check", True) and initializer_bytes(model) <= PARITY_CHECK_MAX_BYTES
+    check = context.option("kiln_attention", "check") and initializer_bytes(model) <= PARITY_CHECK_MAX_BYTES
     original = ir.to_proto(model).SerializeToString() if check else None
 
     caches = {v.name: v for v in model.graph.outputs if v.name and _CACHE_OUTPUT.fullmatch(v.name)}
@@ -76,24 +66,36 @@ def kiln_attention(model: ir.Model, context: PassContext) -> tuple[ir.Model, dic
             skipped[node.name or f"Softmax#{len(skipped)}"] = str(why)
             continue
         if not shared:
-            shared = _shared_inputs(model, inputs["attention_mask"], heads, family)
+            shared = _shared_inputs(model, inputs["attention_mask"], heads, alibi=family.positions == "alibi")
         _replace(model, match, heads, shared)
         replaced += 1
     if replaced:
         model.opset_imports[DOMAIN] = 1
         ir.passes.common.RemoveUnusedNodesPass()(model)
-    details = {"replaced": replaced, "biases": FAMILY_BIASES[family]}
+    details = {"replaced": replaced, "biases": family.plugin_biases}
     if skipped:
         details["skipped"] = skipped
     if replaced and original is None:
         details["parity_check"] = f"skipped: weights over {PARITY_CHECK_MAX_BYTES >> 20} MiB, or option check=False"
     if replaced and original is not None:
         error = parity_error(original, model, context)
-        tolerance = context.option("kiln_attention", "tolerance", 1e-4)
+        tolerance = context.option("kiln_attention", "tolerance")
         details["parity_max_abs_error"] = error
         if not error <= tolerance:
             raise ValueError(f"the graph with kiln::CausalAttention differs from the exported one by {error:.3g} (> {tolerance})")
     return model, details
+
+
+KILN_ATTENTION = Pass(
+    "kiln_attention", kiln_attention,
+    "attention -> the kiln plugin: a parity-checked kiln::CausalAttention node (TensorRT), "
+    "or kiln::causal_attention calls in an AOTInductor package",
+    options=(
+        PassOption("check", bool, True, "compare the replaced graph with the exported one on a left-padded batch"),
+        PassOption("tolerance", float, 1e-4, "largest absolute difference the check accepts"),
+    ),
+    creates=(f"{DOMAIN}::{OP_TYPE}",),
+)
 
 
 @dataclass
@@ -230,7 +232,7 @@ def alibi_slopes(heads: int) -> np.ndarray:
     return np.array(slopes, dtype=np.float32)
 
 
-def _shared_inputs(model: ir.Model, attention_mask: ir.Value, heads: int, family: str) -> dict[str, ir.Value]:
+def _shared_inputs(model: ir.Model, attention_mask: ir.Value, heads: int, alibi: bool) -> dict[str, ir.Value]:
     """The key mask, the slopes and the [-1, heads] head of the query's 4-D shape, made once for all layers.
 
     BLOOM positions keys by the running count of unmasked tokens; the plugin by their index. Under left
@@ -238,7 +240,7 @@ def _shared_inputs(model: ir.Model, attention_mask: ir.Value, heads: int, family
     """
     cast = ir.node("Cast", [attention_mask], attributes={"to": ir.DataType.INT32}, name="kiln_attention/key_mask")
     model.graph.insert_before(next(iter(model.graph)), cast)
-    slopes = alibi_slopes(heads) if family == "bloom" else np.zeros(heads, np.float32)
+    slopes = alibi_slopes(heads) if alibi else np.zeros(heads, np.float32)
     return {
         "key_mask": cast.outputs[0],
         "slopes": add_initializer(model, "kiln_attention.alibi_slopes", slopes),
@@ -262,40 +264,6 @@ def _replace(model: ir.Model, match: _Match, heads: int, shared: dict[str, ir.Va
     out = ir.node("Reshape", [attention.outputs[0], q_shape.outputs[0]], name=f"{name}/out")
     model.graph.insert_before(consumer, [last_two, shape, query, attention, q_shape, out])
     ir.convenience.replace_all_uses_with(match.output, out.outputs[0])
-
-
-def reference_evaluator(model: ir.Model | bytes, implementation: str = "numpy"):
-    """onnx.reference.ReferenceEvaluator for a graph with kiln::CausalAttention nodes; the plugin is computed
-    by the NumPy reference ("numpy") or by the C++ CPU kernel through the PyTorch op ("torch")."""
-    from onnx.reference import ReferenceEvaluator
-    from onnx.reference.op_run import OpRun
-
-    from plugins.reference import attention_reference
-
-    def compute(query, key, value, key_mask, slopes, scale):
-        past_len = key.shape[2] - query.shape[2]
-        slopes = slopes if np.any(slopes) else None
-        if implementation == "numpy":
-            return attention_reference(query, key, value, past_len, slopes, scale or None, key_mask)
-        import torch
-
-        from plugins import load_torch_op
-
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (query, key, value)]
-        mask = torch.from_numpy(np.ascontiguousarray(key_mask))
-        slopes = None if slopes is None else torch.from_numpy(np.array(slopes))
-        return load_torch_op()(*tensors, past_len, slopes, scale or None, mask).numpy()
-
-    class CausalAttention(OpRun):
-        op_domain = DOMAIN
-
-        def _run(self, query, key, value, key_mask, alibi_slopes, scale=None):
-            return (compute(query, key, value, key_mask, alibi_slopes, scale),)
-
-    proto = model if isinstance(model, bytes) else ir.to_proto(model).SerializeToString()
-    import onnx
-
-    return ReferenceEvaluator(onnx.load_from_string(proto), new_ops=[CausalAttention])
 
 
 def parity_feeds(model: ir.Model, facts, padding=(2, 0), new: int = 3, past: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -326,7 +294,7 @@ def parity_error(original: bytes, replaced: ir.Model, context: PassContext, feed
     feeds = parity_feeds(replaced, context.facts) if feeds is None else feeds
     session = onnxruntime.InferenceSession(original, providers=["CPUExecutionProvider"])
     expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-    evaluator = reference_evaluator(replaced, implementation)
+    evaluator = reference_evaluator(ir.to_proto(replaced).SerializeToString(), implementation)
     got = dict(zip(evaluator.output_names, evaluator.run(None, feeds)))
     real_new = feeds["attention_mask"][:, -feeds["input_ids"].shape[1]:].astype(bool)  # [batch, new]
     real_all = feeds["attention_mask"].astype(bool)  # [batch, total]

@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from optimizers.recipe import PassContext, add_initializer, load_external_weights
+from optimizers.onnx_io import load_external_weights
+from optimizers.pass_types import OpTypes, Pass, PassContext, PassOption, add_initializer
+from runtimes.decoder_lm import calibration_prefills, contract_signature
 
 # Contrib ops (MultiHeadAttention, SkipLayerNormalization...) hide their output types from ONNX shape
 # inference; the quantizers then need a default to assume.
@@ -37,10 +39,10 @@ def _quiet_quantizer():
 
 def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Weights of MatMul/Gemm to int8, activations quantized per call: MatMul -> DynamicQuantizeMatMul
-    (ORT fuses DynamicQuantizeLinear + MatMulInteger). Option `per_channel` (default True)."""
+    (ORT fuses DynamicQuantizeLinear + MatMulInteger)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    per_channel = context.option("int8_dynamic", "per_channel", True)
+    per_channel = context.option("int8_dynamic", "per_channel")
     with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp, _quiet_quantizer():
         out = Path(tmp) / "model.onnx"
         quantize_dynamic(
@@ -53,39 +55,60 @@ def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]
     return quantized, {"per_channel": per_channel}
 
 
+INT8_DYNAMIC = Pass(
+    "int8_dynamic", int8_dynamic, "int8 weights, dynamic activation quantization (onnxruntime)",
+    options=(PassOption("per_channel", bool, True, "one scale per output column of each weight"),),
+    creates=("DynamicQuantizeLinear", "MatMulInteger", "com.microsoft::DynamicQuantizeMatMul",
+             "com.microsoft::MatMulIntegerToFloat"),
+    counts_as="quantized",
+)
+
+
 def int8_static(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """QDQ int8 of MatMul weights and inputs, activation ranges from `context.calibration` (feed dicts).
 
-    Without calibration feeds, prefills of random token ids are used: say so in the report.
+    Without calibration feeds, prefills of random token ids are used; the report says which (`calibration_source`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    feeds = context.calibration or _random_prefills(model, context)
+    feeds = context.calibration or _random_prefills(context)
+    per_channel = context.option("int8_static", "per_channel")
     with tempfile.TemporaryDirectory(prefix="kiln-int8s-") as tmp, _quiet_quantizer():
         out = Path(tmp) / "model.onnx"
         quantize_static(
             _to_proto(model), out, _FeedReader(feeds), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"], per_channel=context.option("int8_static", "per_channel", True),
+            op_types_to_quantize=["MatMul"], per_channel=per_channel,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
             calibrate_method=CalibrationMethod.MinMax,
             extra_options=dict(_CONTRIB_TYPE_HINT, ActivationSymmetric=True, MatMulConstBOnly=True),
         )
         quantized = ir.load(str(out))
         load_external_weights(quantized)
-    return quantized, {"calibration_feeds": len(feeds), "calibration_source": "given" if context.calibration else "random"}
+    if context.calibration:
+        source = context.calibration_source or "given"
+    else:
+        source = f"random token ids, {_RANDOM_ROWS} prefills of {_RANDOM_TOKENS}"
+    return quantized, {"calibration_feeds": len(feeds), "calibration_source": source, "per_channel": per_channel}
+
+
+INT8_STATIC = Pass(
+    "int8_static", int8_static, "int8 QDQ with calibrated activation ranges (onnxruntime)",
+    options=(PassOption("per_channel", bool, True, "one scale per output column of each weight"),),
+    creates=("QuantizeLinear", "DequantizeLinear", "QLinearMatMul"),
+    counts_as="quantized",
+)
 
 
 def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Weight-only int4 blocks (`MatMulNBits`) for every MatMul with a constant 2-D weight, LM head included.
 
-    Options: `block_size` (default 32), `accuracy_level` (default 4: int8 compute on CPU), `symmetric`.
     Written weight by weight on the onnx_ir graph with the block quantizer onnxruntime's
     MatMulNBitsQuantizer calls, and the node that tool makes: the tool itself wants the whole model as one
     ModelProto, two more copies of the weights in memory (gpt2: peak 2.5 GB against 1.25 GB this way).
     """
-    block_size = context.option("int4", "block_size", 32)
-    accuracy_level = context.option("int4", "accuracy_level", 4)
-    symmetric = context.option("int4", "symmetric", True)
+    block_size = context.option("int4", "block_size")
+    accuracy_level = context.option("int4", "accuracy_level")
+    symmetric = context.option("int4", "symmetric")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"int4 block_size must be a power of two >= 16; got {block_size}")
     skipped, blocks_of = [], {}  # weight name -> its quantized initializers (a weight may feed several MatMuls)
@@ -114,6 +137,18 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
                    "matmuls_left_in_fp32": skipped}
 
 
+INT4 = Pass(
+    "int4", int4, "int4 weight-only MatMulNBits blocks, LM head included (onnxruntime)",
+    options=(
+        PassOption("block_size", int, 32, "weights per scale along K; a power of two >= 16"),
+        PassOption("accuracy_level", int, 4, "MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"),
+        PassOption("symmetric", bool, True, "no zero points"),
+    ),
+    creates=("com.microsoft::MatMulNBits",),
+    counts_as="quantized",
+)
+
+
 def _int4_blocks(model: ir.Model, weight: ir.Value, block_size: int, symmetric: bool) -> list[ir.Value]:
     """MatMulNBits' packed blocks, scales (and zero points when asymmetric) of a [K, N] fp32 weight."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
@@ -140,17 +175,25 @@ def _int4_blocks(model: ir.Model, weight: ir.Value, block_size: int, symmetric: 
 def fp16(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Weights and math to fp16 for GPU targets; IO stays fp32 when `context.keep_io_types`.
 
-    Numerically sensitive ops stay fp32 (onnxruntime's default block list plus the op types in option
-    `keep_fp32`, default: the normalizations and Softmax).
+    Numerically sensitive ops stay fp32: onnxruntime's default block list plus the op types of option `keep_fp32`.
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    kept = context.option("fp16", "keep_fp32", ["LayerNormalization", "SimplifiedLayerNormalization", "Softmax"])
+    kept = list(context.option("fp16", "keep_fp32"))
     proto = convert_float_to_float16(
-        _to_proto(model), keep_io_types=context.keep_io_types, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(kept),
+        _to_proto(model), keep_io_types=context.keep_io_types, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + kept,
         disable_shape_infer=True,
     )
     return ir.from_proto(proto), {"keep_io_types": context.keep_io_types, "kept_fp32": kept}
+
+
+FP16 = Pass(
+    "fp16", fp16, "weights and math to fp16, IO and sensitive ops kept fp32",
+    options=(
+        PassOption("keep_fp32", OpTypes, ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax"),
+                   "op types kept in fp32, besides onnxruntime's default list"),
+    ),
+)
 
 
 def _to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -173,26 +216,12 @@ class _FeedReader:
         pass
 
 
-def calibration_prefills(token_ids: np.ndarray, layers: int, kv_heads: int, head_dim: int) -> list[dict]:
-    """Feeds for static calibration: one prefill per row of `token_ids [rows, sequence]`, empty caches."""
-    feeds = []
-    for row in np.asarray(token_ids, dtype=np.int64):
-        ids = row[None, :]
-        feed = {
-            "input_ids": ids,
-            "attention_mask": np.ones_like(ids),
-            "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :],
-        }
-        for i in range(layers):
-            for kind in ("key", "value"):
-                feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
-        feeds.append(feed)
-    return feeds
+# Random calibration when none is given: rows of tokens, each a prefill.
+_RANDOM_ROWS, _RANDOM_TOKENS = 8, 16
 
 
-def _random_prefills(model: ir.Model, context: PassContext) -> list[dict]:
+def _random_prefills(context: PassContext) -> list[dict]:
     if context.facts is None:
         raise ValueError("int8_static needs calibration feeds or the model's sizes (context.facts)")
-    f = context.facts
-    rng = np.random.default_rng(0)
-    return calibration_prefills(rng.integers(0, max(f.vocab_size, 2), size=(8, 16)), f.layers, f.kv_heads, f.head_dim)
+    tokens = np.random.default_rng(0).integers(0, max(context.facts.vocab_size, 2), size=(_RANDOM_ROWS, _RANDOM_TOKENS))
+    return calibration_prefills(contract_signature(context.facts), tokens)

@@ -4,8 +4,9 @@
     python -m plugins.build rocm --arch gfx90a   # HIP code object (hipcc)
     python -m plugins.build cpu                  # CPU reference as a plain shared library (c++)
 
-Outputs land in build/plugins/<target>-<hash>/, where the hash covers the sources, the compiler command
-and the compiler's version: a rebuild happens exactly when one of them changes.
+Outputs land in plugins/<target>-<hash>/ of the user's cache folder (plugins.cache; KILN_CACHE_DIR
+overrides), where the hash covers the sources, the compiler command and the compiler's version: a
+rebuild happens exactly when one of them changes.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from plugins.cache import user_cache_dir
 from plugins.errors import PluginBuildError
 
 SOURCE_DIR = Path(__file__).resolve().parent / "attention"
@@ -47,9 +49,8 @@ class BuiltLibrary:
 
 
 def default_build_dir() -> Path:
-    """build/plugins/ at the repository root, or $KILN_PLUGIN_BUILD_DIR."""
-    override = os.environ.get("KILN_PLUGIN_BUILD_DIR")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "build" / "plugins"
+    """plugins/ in the user's cache folder."""
+    return user_cache_dir() / "plugins"
 
 
 def file_sha256(path: Path) -> str:
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plugins.build", description="Build the kiln attention plugin.")
     parser.add_argument("target", choices=TARGETS)
     parser.add_argument("--arch", action="append", help="arch to build (repeatable); default: %(default)s per target")
-    parser.add_argument("--build-dir", type=Path, default=None, help="cache folder (default: build/plugins)")
+    parser.add_argument("--build-dir", type=Path, default=None, help="cache folder (default: plugins/ in the user cache)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:

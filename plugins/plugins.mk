@@ -1,5 +1,6 @@
 # Builds of the kiln attention plugin; included by the top-level Makefile, which defines BIN and `install`.
-# Outputs are cached by source hash under build/plugins/, so a second run compiles nothing.
+# Outputs are cached by source hash in the user's cache folder (KILN_CACHE_DIR overrides), so a second
+# run compiles nothing.
 ROCM_ARCH ?= gfx90a
 CUDA_ARCHS ?= sm_80 sm_90 compute_80
 # apt-get needs root; CI containers run as root, developer machines go through sudo.

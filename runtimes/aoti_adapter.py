@@ -16,28 +16,35 @@ class AotiPredictor(Predictor):
         import torch  # the package runs inside torch's C++ runtime
 
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EngineError(f"device {device!r} needs a CUDA build of torch and a GPU; this torch is {torch.__version__}")
+            raise EngineError(f"device {device!r} needs a GPU and a CUDA or ROCm build of torch; this torch is "
+                              f"{torch.__version__} and sees no GPU")
         self._torch = torch
         self.device = device
+        from torch.utils import _pytree
+
         self.runner = torch._inductor.aoti_load_package(str(package_path))
+        self._pytree = _pytree
+        self._in_spec = _pytree.treespec_loads(self.runner.loader.get_call_spec()[0])
         self.signature = signature
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: Path, manifest: dict, device: str = "cpu", **options) -> AotiPredictor:
-        needs = "cuda" if manifest["target"] in ("aoti-cuda", "aoti-rocm") else "cpu"
-        if device.split(":")[0] != needs:
-            raise EngineError(f"{engine_dir}: engine target {manifest['target']!r} runs on {needs}, not device={device!r}")
-        signature = Signature.from_json(manifest["signature"])
+    def from_engine_dir(cls, engine_dir: Path, manifest: dict, graph: dict, device: str = "cpu", **options) -> AotiPredictor:
         if manifest.get("torch_ops"):
             # The package calls these custom ops by name: they must be registered before it loads.
             from plugins import load_torch_op
 
             load_torch_op()
-        return cls(engine_dir / manifest.get("model_file", "model.pt2"), signature, device=device, **options)
+        try:
+            return cls(engine_dir / graph["file"], Signature.from_json(graph["signature"]), device=device, **options)
+        except EngineError as e:
+            raise EngineError(f"{engine_dir}: engine target {manifest['target']!r}: {e}") from None
 
     def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         tensors = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device) for t in self.signature.inputs]
+        # The package takes its inputs in the structure they were exported with (e.g. a list of caches):
+        # its call spec rebuilds that from the signature's flat order.
+        args, kwargs = self._pytree.tree_unflatten(tensors, self._in_spec)
         with torch.inference_mode():
-            outputs = self.runner(tensors[0], tensors[1], tensors[2], tensors[3:])
+            outputs = self._pytree.tree_leaves(self.runner(*args, **kwargs))
         return {spec.name: out.cpu().numpy() for spec, out in zip(self.signature.outputs, outputs)}

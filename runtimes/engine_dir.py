@@ -12,7 +12,8 @@ from pathlib import Path
 from runtimes.errors import EngineError
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+# 2: `kind`, `device` and `graphs` (role -> file and signature) replace `model_file` and `signature`.
+SCHEMA_VERSION = 2
 
 
 def sha256_file(path: Path) -> str:
@@ -50,12 +51,29 @@ def read_manifest(engine_dir: Path) -> dict:
         raise EngineError(
             f"{path}: schema_version {version} is newer than this torchkiln reads ({SCHEMA_VERSION}); upgrade torchkiln"
         )
-    for field in ("backend", "target", "files", "signature", "manifest_sha256"):
+    for field in ("backend", "target", "files", "graphs" if version >= 2 else "signature", "manifest_sha256"):
         if field not in manifest:
             raise EngineError(f"{path}: field {field!r} is missing")
     if manifest_digest(manifest) != manifest["manifest_sha256"]:
         raise EngineError(f"{path}: edited after the engine was built (its manifest_sha256 does not match); refusing it")
     return manifest
+
+
+def graph_entries(manifest: dict) -> dict[str, dict]:
+    """The engine's graphs by role -> {"file": name in the engine dir, "signature": Signature JSON}."""
+    if "graphs" in manifest:
+        return manifest["graphs"]
+    # Schema 1 had one graph.
+    return {"model": {"file": manifest.get("model_file"), "signature": manifest["signature"]}}
+
+
+def engine_kind(manifest: dict) -> str:
+    return manifest.get("kind", "decoder-lm")  # schema 1 engines were all decoder LMs
+
+
+def engine_device(manifest: dict) -> str:
+    """Where the engine runs: "cpu" or "cuda" (AMD GPUs too, as ROCm builds of torch call them)."""
+    return manifest.get("device", "cpu")  # schema 1 engines were opened on the CPU unless told otherwise
 
 
 def check_files(engine_dir: Path, manifest: dict) -> None:

@@ -1,15 +1,51 @@
-"""Backend-neutral decoding over any Predictor with the decoder-LM IO contract.
+"""The decoder-LM kind's driver: greedy or sampled decoding over its graph, and its Predictor.
 
-Each step feeds the previous step's `present.*` arrays back as `past_key_values.*` as they are:
-no copy of the cache is made here.
+Backend-neutral: each step feeds the previous step's `present.*` arrays back as `past_key_values.*` as
+they are; no copy of the cache is made here.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from runtimes.errors import FeedError
+from runtimes.decoder_lm import GRAPHS, next_feeds, prefill_feeds, vocab_size
+from runtimes.errors import EngineError, FeedError
+from runtimes.predictor import Predictor
+from runtimes.tokenizer import encode_prompts
+
+
+class DecoderLMPredictor(Predictor):
+    """An engine of the decoder-LM kind: `predict` runs its one graph (`model`); `generate` and `stream` decode."""
+
+    def __init__(self, graphs: Mapping[str, Predictor], tokenizer=None):
+        if set(graphs) != set(GRAPHS):
+            raise EngineError(f"a decoder-lm engine has graphs {', '.join(GRAPHS)}; got {', '.join(graphs) or 'none'}")
+        self.graphs = dict(graphs)
+        self.model = self.graphs["model"]
+        self.signature = self.model.signature
+        self.tokenizer = tokenizer
+
+    def predict(self, feeds):
+        return self.model.predict(feeds)
+
+    def forward(self, feeds):
+        return self.model.forward(feeds)
+
+    def generate(self, prompts, max_new_tokens: int = 32, **options) -> np.ndarray:
+        """New tokens for each prompt, `[batch, new_tokens]`; see `stream` below for the options.
+
+        `prompts`: token ids (`[batch, seq]` array or lists of ids), or text when the engine has a tokenizer.
+        """
+        return generate(self, encode_prompts(self.tokenizer, prompts), max_new_tokens, **options)
+
+    def stream(self, prompts, max_new_tokens: int = 32, **options) -> Iterator[np.ndarray]:
+        """Yield the next token of every prompt, `[batch]`, as each decode step finishes."""
+        return stream(self, encode_prompts(self.tokenizer, prompts), max_new_tokens, **options)
+
+    def close(self) -> None:
+        for graph in self.graphs.values():
+            graph.close()
 
 
 def left_pad(prompts, pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +136,7 @@ def stream(
     if max_new_tokens < 1:
         raise FeedError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids, mask = left_pad(prompts, pad_token_id)
-    vocab = _vocab_size(predictor)
+    vocab = vocab_size(predictor.signature)
     tokens = ids[mask == 1]
     outside = tokens[(tokens < 0) | (tokens >= vocab)]
     if outside.size:
@@ -108,8 +144,7 @@ def stream(
     eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     rng = np.random.default_rng(seed) if do_sample else None
     batch = ids.shape[0]
-    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **empty_cache(predictor.signature, batch)}
+    feeds = prefill_feeds(predictor.signature, ids, mask)
     history, history_mask = ids, mask
     finished = np.zeros(batch, dtype=bool)
     for step in range(max_new_tokens):
@@ -126,13 +161,7 @@ def stream(
         column = tokens[:, None]
         history = np.concatenate([history, column], axis=1)
         history_mask = np.concatenate([history_mask, (~finished[:, None]).astype(np.int64)], axis=1)
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        feeds = {
-            "input_ids": column,
-            "attention_mask": mask,
-            "position_ids": feeds["position_ids"][:, -1:] + 1,
-            **carried_cache(predictor.signature, outputs),
-        }
+        feeds = next_feeds(predictor.signature, feeds, outputs, column)
 
 
 def generate(
@@ -145,23 +174,3 @@ def generate(
             on_token(tokens)
         steps.append(tokens)
     return np.stack(steps, axis=1)
-
-
-def empty_cache(signature, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length past arrays for a prefill step, `[batch, kv_heads, 0, head_dim]`."""
-    cache = {}
-    for spec in signature.past_inputs:
-        shape = [batch if i == 0 else (0 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
-        cache[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return cache
-
-
-def carried_cache(signature, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The next step's `past_key_values.*` feeds: this step's `present.*` outputs, not copied."""
-    return {spec.name: outputs[spec.name.replace("past_key_values.", "present.")] for spec in signature.past_inputs}
-
-
-def _vocab_size(predictor) -> int:
-    """The logits' last axis; the exporter fixes it, so it is a number in every engine's signature."""
-    logits = next(t for t in predictor.signature.outputs if t.name == "logits")
-    return int(logits.shape[-1])

@@ -1,35 +1,66 @@
-"""`load(dir)`: check an engine directory and open it with the adapter its manifest names."""
+"""`load(dir)`: check an engine directory and open its graphs with the adapter of its backend, behind
+the Predictor of its model kind."""
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
-from runtimes.engine_dir import check_files, read_manifest
+from runtimes.engine_dir import check_files, engine_device, engine_kind, graph_entries, read_manifest
 from runtimes.errors import EngineError
 from runtimes.predictor import Predictor
 from runtimes.tokenizer import load_tokenizer
 
-# backend name in the manifest -> "module:class" of its adapter; new engines add a row here.
+# The manifest's backend -> "module:Class" of the adapter that runs one graph of it. kiln's backend records
+# register theirs here (kiln.backends); this table lets a service open engines without importing kiln.
 ADAPTERS = {
     "onnxruntime": "runtimes.onnxruntime_adapter:OnnxRuntimePredictor",
     "tensorrt": "runtimes.tensorrt_adapter:TensorRTPredictor",
     "aoti": "runtimes.aoti_adapter:AotiPredictor",
 }
+# The manifest's kind -> "module:Class" of its Predictor, which takes the engine's graphs by role.
+KINDS = {
+    "decoder-lm": "runtimes.generate:DecoderLMPredictor",
+}
 
 
-def load(engine_dir, device: str = "cpu", **backend_options) -> Predictor:
+def register_adapter(backend: str, adapter: str) -> None:
+    """Run engines whose manifest says `backend` with `adapter` ("module:Class")."""
+    ADAPTERS[backend] = adapter
+
+
+def load(engine_dir, device: str | None = None, **backend_options) -> Predictor:
     """Open an engine directory as a Predictor after checking every file against the manifest.
 
-    `backend_options` go to the adapter (for ONNX Runtime: `threads`, `optimization_level`, `providers`).
+    `device` defaults to the engine's own (its manifest's `device`); "cuda:1" picks a GPU. `backend_options`
+    go to the adapter (for ONNX Runtime: `threads`, `optimization_level`, `providers`, `allow_spinning`).
     """
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     check_files(engine_dir, manifest)
-    backend = manifest["backend"]
-    if backend not in ADAPTERS:
-        raise EngineError(f"{engine_dir}: backend {backend!r} is unknown (known: {', '.join(ADAPTERS)})")
-    module_name, class_name = ADAPTERS[backend].split(":")
-    adapter = getattr(importlib.import_module(module_name), class_name)
-    predictor = adapter.from_engine_dir(engine_dir, manifest, device=device, **backend_options)
-    predictor.tokenizer = load_tokenizer(engine_dir, manifest)
-    return predictor
+    built_for = engine_device(manifest)
+    device = device or built_for
+    if device.split(":")[0] != built_for:
+        raise EngineError(f"{engine_dir}: engine target {manifest['target']!r} runs on {built_for}, not device={device!r}")
+    adapter = _resolve(ADAPTERS, manifest["backend"], "backend", engine_dir)
+    kind = _resolve(KINDS, engine_kind(manifest), "kind", engine_dir)
+    graphs: dict[str, Predictor] = {}
+    try:
+        for role, graph in graph_entries(manifest).items():
+            graphs[role] = adapter.from_engine_dir(engine_dir, manifest, graph, device=device, **backend_options)
+        return kind(graphs, tokenizer=load_tokenizer(engine_dir, manifest))
+    except BaseException:
+        for opened in graphs.values():
+            opened.close()
+        raise
+
+
+def kind_predictor(kind: str):
+    """The Predictor class of a model kind; it takes the engine's graphs by role."""
+    return _resolve(KINDS, kind, "kind", "engine")
+
+
+def _resolve(table: dict[str, str], name: str, what: str, where):
+    if name not in table:
+        raise EngineError(f"{where}: {what} {name!r} is unknown (known: {', '.join(table)})")
+    module_name, class_name = table[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -49,13 +49,11 @@ class OnnxRuntimePredictor(Predictor):
         self._output_names = [t.name for t in self.signature.outputs]
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: Path, manifest: dict, device: str = "cpu", **options) -> OnnxRuntimePredictor:
+    def from_engine_dir(cls, engine_dir: Path, manifest: dict, graph: dict, device: str = "cpu",
+                        **options) -> OnnxRuntimePredictor:
+        """`graph` is the manifest's entry for one graph: its file and signature."""
         providers = options.pop("providers", None) or manifest.get("providers") or ["CPUExecutionProvider"]
-        if device == "cpu" and any(p != "CPUExecutionProvider" for p in providers):
-            raise EngineError(
-                f"{engine_dir}: engine target {manifest['target']!r} needs {providers[0]}; it cannot run with device='cpu'"
-            )
-        model_path = engine_dir / manifest.get("model_file", "model.onnx")
+        model_path = engine_dir / graph["file"]
         _refuse_escaping_external_data(model_path, engine_dir)
         try:
             return cls(model_path, providers=providers, **options)

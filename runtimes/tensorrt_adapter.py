@@ -205,12 +205,13 @@ class TensorRTPredictor(Predictor):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: Path, manifest: dict, device: str = "cuda", **options) -> TensorRTPredictor:
+    def from_engine_dir(cls, engine_dir: Path, manifest: dict, graph: dict, device: str = "cuda",
+                        **options) -> TensorRTPredictor:
         if options:
             raise EngineError(f"TensorRT engines take no load options; got {', '.join(sorted(options))}")
-        recorded = Signature.from_json(manifest["signature"]) if manifest.get("signature") else None
+        recorded = Signature.from_json(graph["signature"]) if graph.get("signature") else None
         try:
-            return cls(engine_dir / manifest.get("model_file", "engine.plan"), recorded, device, manifest.get("tensorrt"))
+            return cls(engine_dir / graph["file"], recorded, device, manifest.get("tensorrt"))
         except EngineError as e:
             raise EngineError(f"{engine_dir}: engine target {manifest['target']!r}: {e}") from None
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from exporter import ExportError, load_model
-from exporter.capture import DecoderWithCache, capture, example_inputs, io_names
+from exporter.capture import capture
+from exporter.decoder_lm import DecoderWithCache, example_inputs
+from runtimes.decoder_lm import io_names
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 
 
@@ -43,7 +45,7 @@ def test_one_graph_serves_prefill_and_decode(llama_graph, batch, past):
 
 def test_weights_go_to_external_data_over_the_threshold(tmp_path):
     loaded = load_model("tests.factories:tiny_gpt2")
-    graph = capture(loaded, tmp_path, external_data_threshold=0)
+    graph = capture(loaded, tmp_path, external_data_threshold=0)["model"]
     assert graph.external_data and [p.name for p in graph.files] == ["model.onnx", "model.onnx.data"]
     data_bytes = (tmp_path / "model.onnx.data").stat().st_size
     assert data_bytes >= 0.9 * sum(p.numel() * 4 for p in loaded.module.parameters())
@@ -64,7 +66,7 @@ class _DataDependent(torch.nn.Module):
 
 def test_unexportable_model_names_the_reason(tmp_path, monkeypatch):
     loaded = load_model("tiny-gpt2")
-    monkeypatch.setattr("exporter.capture.DecoderWithCache", lambda model, layers: _DataDependent())
+    monkeypatch.setattr("exporter.decoder_lm.DecoderWithCache", lambda model, layers: _DataDependent())
     with pytest.raises(ExportError, match="cannot be exported to ONNX: .+") as info:
         capture(loaded, tmp_path)
     assert len(str(info.value).splitlines()) == 1

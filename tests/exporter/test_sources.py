@@ -17,7 +17,7 @@ def test_preset_is_seeded_and_small(preset):
     first, second = load_model(preset), load_model(preset)
     assert first.weights_sha256 == second.weights_sha256
     assert sum(p.numel() for p in first.module.parameters()) < 500_000
-    assert first.kind == "preset" and first.family.model_type == PRESETS[preset].model_type
+    assert first.origin == "preset" and first.kind == "decoder-lm" and first.family.model_type == PRESETS[preset].model_type
 
 
 def test_tiny_llama_has_grouped_query_attention():
@@ -31,14 +31,14 @@ def test_saved_folder_loads_the_same_weights(preset, tmp_path):
     original = load_model(preset)
     original.module.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path))
-    assert loaded.kind == "folder" and loaded.family == original.family
+    assert loaded.origin == "folder" and loaded.family == original.family
     for (name, a), (_, b) in zip(original.module.state_dict().items(), loaded.module.state_dict().items()):
         assert torch.equal(a, b), name
 
 
 def test_factory_spec():
     loaded = load_model("tests.factories:tiny_gpt2")
-    assert loaded.kind == "factory" and loaded.facts.vocab_size == 128
+    assert loaded.origin == "factory" and loaded.facts.vocab_size == 128
 
 
 @pytest.fixture

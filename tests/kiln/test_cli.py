@@ -65,7 +65,7 @@ def test_convert_from_saved_folder(tmp_path):
     result = CliRunner().invoke(cli, ["convert", str(tmp_path / "folder"), "-o", str(tmp_path / "e"), "--json"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    assert document["source"]["kind"] == "folder" and document["source"]["family"] == "llama"
+    assert document["source"]["origin"] == "folder" and document["kind"] == "decoder-lm" and document["source"]["family"] == "llama"
     assert document["verification"]["passed"] is True
 
 

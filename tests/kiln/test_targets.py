@@ -15,7 +15,8 @@ def aoti_engine(tmp_path_factory):
 
 def test_aoti_cpu_engine_verifies(aoti_engine):
     manifest = json.loads((aoti_engine / "manifest.json").read_text())
-    assert manifest["backend"] == "aoti" and manifest["model_file"] == "model.pt2"
+    assert manifest["backend"] == "aoti" and manifest["graphs"]["model"]["file"] == "model.pt2"
+    assert manifest["device"] == "cpu" and manifest["kind"] == "decoder-lm"
     assert sorted(manifest["files"]) == ["model.pt2", "report.json"]
     assert manifest["verification"]["passed"] is True
     assert manifest["verification"]["logits"]["relative"] <= 1e-3

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtimes import decoder_lm
+
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
@@ -21,7 +23,7 @@ def exported(tmp_path_factory):
             loaded = load_model(preset)
             folder = root / preset
             folder.mkdir()
-            built[preset] = (capture(loaded, folder).path, loaded)
+            built[preset] = (capture(loaded, folder)["model"].path, loaded)
         return built[preset]
 
     return get
@@ -29,12 +31,4 @@ def exported(tmp_path_factory):
 
 def prefill_feeds(ids: np.ndarray, facts) -> dict[str, np.ndarray]:
     """A prefill of `ids [batch, sequence]` with empty caches, in the IO contract's names."""
-    feeds = {
-        "input_ids": ids,
-        "attention_mask": np.ones_like(ids),
-        "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy(),
-    }
-    for i in range(facts.layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((len(ids), facts.kv_heads, 0, facts.head_dim), np.float32)
-    return feeds
+    return decoder_lm.prefill_feeds(decoder_lm.contract_signature(facts), ids)

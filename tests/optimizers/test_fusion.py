@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 
 from kiln.verify import VerificationInputs, output_error, run_steps
-from optimizers import PassContext, run_recipe
-from runtimes.generate import carried_cache, empty_cache, left_pad
+from optimizers import PassContext, parse_pass_options, run_recipe
+from runtimes.decoder_lm import next_feeds, prefill_feeds
+from runtimes.generate import left_pad
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 
 MHA, SLN = "com.microsoft::MultiHeadAttention", "com.microsoft::SkipLayerNormalization"
 SSLN, FAST_GELU = "com.microsoft::SkipSimplifiedLayerNormalization", "com.microsoft::FastGelu"
 
 # Fused nodes per 2-layer tiny preset. Attention: gpt2 with its KV cache inside the op, llama without
-# (rotary and GQA not formed), gpt-neo and bloom not at all: see optimizers.fusion.ATTENTION_NOTES.
+# (rotary and GQA not formed), gpt-neo and bloom not at all: see each family record's fusion_note.
 EXPECTED = {
     "tiny-gpt2": ({MHA: 2, SLN: 5, FAST_GELU: 2}, 2),
     "tiny-llama": ({MHA: 2, SSLN: 4, "SimplifiedLayerNormalization": 1}, 0),
@@ -26,14 +27,14 @@ EXPECTED = {
 def test_fusion_per_family(preset, exported, tmp_path):
     path, loaded = exported(preset)
     out = tmp_path / "fused.onnx"
-    context = PassContext(facts=loaded.facts, family=loaded.family.name)
+    context = PassContext(facts=loaded.facts, family=loaded.family)
     _, reports = run_recipe(path, context, passes=["cleanup", "fusion"], output=out)
     fusion = reports[-1]
     fused, with_cache = EXPECTED[preset]
     assert {op: n for op, n in fusion.fused.items() if op != "com.microsoft::FusedMatMul"} == fused
     assert fusion.details["attention_with_cache"] == with_cache
     assert fusion.details["attention_fused"] == (fused.get(MHA) == loaded.facts.layers)
-    assert fusion.details["attention_note"]
+    assert fusion.details["attention_note"] == loaded.family.fusion_note != ""
     plain, optimized = OnnxRuntimePredictor(path), OnnxRuntimePredictor(out)
     assert optimized.signature == plain.signature
     vocab = loaded.facts.vocab_size
@@ -45,18 +46,12 @@ def test_fusion_per_family(preset, exported, tmp_path):
 def left_padded_decode(predictor, steps: int = 3) -> np.ndarray:
     """Last-position logits of a left-padded batch of two prompts over a prefill and greedy decode steps."""
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]])
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(np.cumsum(mask, -1) - 1, 0, None)}
-    feeds.update(empty_cache(predictor.signature, 2))
+    feeds = prefill_feeds(predictor.signature, ids, mask)
     logits = []
     for _ in range(steps):
         outputs = predictor.predict(feeds)
         logits.append(outputs["logits"][:, -1])
-        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-        feeds = {
-            "input_ids": outputs["logits"][:, -1].argmax(-1)[:, None], "attention_mask": mask,
-            "position_ids": feeds["position_ids"][:, -1:] + 1,
-            **carried_cache(predictor.signature, outputs),
-        }
+        feeds = next_feeds(predictor.signature, feeds, outputs, outputs["logits"][:, -1].argmax(-1)[:, None])
     return np.stack(logits)
 
 
@@ -64,7 +59,7 @@ def left_padded_decode(predictor, steps: int = 3) -> np.ndarray:
 def test_fused_engines_handle_left_padded_batches(preset, exported, tmp_path):
     path, loaded = exported(preset)
     out = tmp_path / "fused.onnx"
-    run_recipe(path, PassContext(facts=loaded.facts, family=loaded.family.name), passes=["cleanup", "fusion"], output=out)
+    run_recipe(path, PassContext(facts=loaded.facts, family=loaded.family), passes=["cleanup", "fusion"], output=out)
     want, got = left_padded_decode(OnnxRuntimePredictor(path)), left_padded_decode(OnnxRuntimePredictor(out))
     assert np.abs(got - want).max() < 1e-4
 
@@ -72,7 +67,7 @@ def test_fused_engines_handle_left_padded_batches(preset, exported, tmp_path):
 def test_llama_gqa_is_opt_in_and_matches_unpadded_batches(exported, tmp_path):
     path, loaded = exported("tiny-llama")
     out = tmp_path / "gqa.onnx"
-    context = PassContext(facts=loaded.facts, family="llama", options={"fusion": {"gqa": True}})
+    context = PassContext(facts=loaded.facts, family=loaded.family, options=parse_pass_options(["fusion.gqa=true"]))
     _, reports = run_recipe(path, context, passes=["cleanup", "fusion"], output=out)
     assert reports[-1].fused.get("com.microsoft::GroupQueryAttention") == loaded.facts.layers
     assert reports[-1].details["attention_with_cache"] == loaded.facts.layers

@@ -12,7 +12,7 @@ import pytest
 from exporter.trained import heldout_sequences
 from kiln.verify import logits_fidelity
 from optimizers import PassContext, run_recipe
-from optimizers.quantize import calibration_prefills
+from runtimes.decoder_lm import calibration_prefills, contract_signature
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 from tests.optimizers.conftest import prefill_feeds
 
@@ -55,16 +55,19 @@ def test_the_trained_preset_is_confident(trained):
 def test_precision_passes_fidelity_gate(case, trained, tmp_path):
     target, precision, gate, op, nodes, size_ratio = CASES[case]
     path, loaded, ids, want = trained
-    calibration = None
+    calibration, source = None, None
     if case == "int8-static":
-        f = loaded.facts
-        calibration = calibration_prefills(heldout_sequences(8, seed=1)[:, :32], f.layers, f.kv_heads, f.head_dim)
-    context = PassContext(target=target, precision=precision, facts=loaded.facts, family="gpt2", calibration=calibration)
+        calibration = calibration_prefills(contract_signature(loaded.facts), heldout_sequences(8, seed=1)[:, :32])
+        source = "held-out sequences, 8 x 32 tokens"
+    context = PassContext(target=target, precision=precision, facts=loaded.facts, family=loaded.family,
+                          calibration=calibration, calibration_source=source)
     out = tmp_path / "model.onnx"
     _, reports = run_recipe(path, context, output=out)
     last = reports[-1]
     if op:
         assert last.quantized.get(op) == nodes, last.quantized
+    if source:
+        assert last.details["calibration_source"] == source and last.details["calibration_feeds"] == 8
     assert last.bytes_after / last.bytes_before < size_ratio
     fidelity = logits_fidelity(engine_logits(out, loaded, ids), want)
     print(f"{case}: {fidelity}")
@@ -106,6 +109,13 @@ def test_int4_and_int8_run_on_other_families(preset, exported, tmp_path):
         assert sum(reports[-1].quantized.values()) >= 2 * loaded.facts.layers
         got = engine_logits(out, loaded, ids)
         assert got.shape == plain.shape and np.isfinite(got).all()
+
+
+def test_int8_static_without_calibration_says_it_used_random_tokens(exported):
+    path, loaded = exported("tiny-gpt2")
+    _, reports = run_recipe(path, PassContext(precision="int8-static", facts=loaded.facts), passes=["int8_static"])
+    assert reports[-1].details["calibration_source"] == "random token ids, 8 prefills of 16"
+    assert reports[-1].quantized["QuantizeLinear"] > 0
 
 
 def test_int4_quantizes_a_weight_shared_by_two_matmuls_once():

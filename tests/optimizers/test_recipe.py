@@ -5,8 +5,7 @@ import onnx_ir as ir
 import pytest
 
 from kiln.verify import VerificationInputs, output_error, run_steps
-from optimizers import RECIPES, PassContext, PassFailed, PassReport, RecipeError, recipe_for, run_recipe
-from optimizers.passes import PASSES
+from optimizers import PASSES, RECIPES, Pass, PassContext, PassFailed, RecipeError, recipe_for, run_recipe
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 
 
@@ -24,38 +23,40 @@ def test_unknown_recipe_and_pass_are_named():
         run_recipe(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), PassContext(), passes=["fuse_everything"])
 
 
-class _Boom:
-    name = "boom"
+def test_the_recipe_row_comes_from_context_recipe_else_the_target():
+    empty = ir.Model(ir.Graph([], [], nodes=[]), ir_version=10)
+    _, reports = run_recipe(empty, PassContext(target="rocm", recipe="cuda", precision="fp16"))
+    assert [r.name for r in reports] == recipe_for("cuda", "fp16")
+    with pytest.raises(RecipeError, match=r"no optimization recipe for 'rocm' at precision 'fp16'"):
+        run_recipe(empty, PassContext(target="rocm", precision="fp16"))
 
-    def __call__(self, model, context):
-        raise RuntimeError("kernel table is empty")
+
+def _boom(model, context):
+    raise RuntimeError("kernel table is empty")
 
 
-class _RenameLogits:
-    name = "rename"
-
-    def __call__(self, model, context):
-        model.graph.outputs[0].name = "scores"
-        return model, PassReport(self.name, changed=True)
+def _rename_logits(model, context):
+    model.graph.outputs[0].name = "scores"
+    return model, {}
 
 
 def test_a_failing_pass_is_named_with_the_passes_before_it(exported):
     path, _ = exported("tiny-gpt2")
     with pytest.raises(PassFailed, match=r"pass 'boom' failed \(after cleanup\): RuntimeError: kernel table is empty") as e:
-        run_recipe(path, PassContext(), passes=["cleanup", _Boom()])
+        run_recipe(path, PassContext(), passes=["cleanup", Pass("boom", _boom)])
     assert e.value.applied == ["cleanup"]
 
 
 def test_a_pass_that_renames_an_output_breaks_the_contract(exported):
     path, _ = exported("tiny-gpt2")
     with pytest.raises(PassFailed, match=r"pass 'rename' changed the engine's IO contract.*outputs were \['logits'"):
-        run_recipe(path, PassContext(), passes=[_RenameLogits()])
+        run_recipe(path, PassContext(), passes=[Pass("rename", _rename_logits)])
 
 
 def test_path_in_path_out_with_external_data_keeps_outputs(exported, tmp_path):
     path, loaded = exported("tiny-gpt2")
     out = tmp_path / "model.onnx"
-    _, reports = run_recipe(path, PassContext(facts=loaded.facts, family="gpt2"), output=out, external_data=True)
+    _, reports = run_recipe(path, PassContext(facts=loaded.facts, family=loaded.family), output=out, external_data=True)
     assert [r.name for r in reports] == ["cleanup", "fusion"]
     assert (tmp_path / "model.onnx.data").stat().st_size > 100_000
     assert all(r.seconds >= 0 and r.bytes_after > 0 for r in reports)
@@ -73,7 +74,7 @@ def test_in_place_on_a_file_with_external_data(exported, tmp_path):
     path, loaded = exported("tiny-trained")
     engine = tmp_path / "model.onnx"
     save(ir.load(str(path)), engine, external_data=True)
-    context = PassContext(precision="int4", facts=loaded.facts, family="gpt2")
+    context = PassContext(precision="int4", facts=loaded.facts, family=loaded.family)
     run_recipe(engine, context, output=engine, external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     run_recipe(engine, context, passes=["cleanup"], output=engine, external_data=False)
@@ -89,7 +90,7 @@ def test_a_recipe_leaves_nothing_holding_the_model(exported):
     import weakref
 
     path, loaded = exported("tiny-gpt2")
-    context = PassContext(target="cpu", precision="int4", facts=loaded.facts, family=loaded.family.name)
+    context = PassContext(target="cpu", precision="int4", facts=loaded.facts, family=loaded.family)
 
     class Gone:
         pass

@@ -93,10 +93,12 @@ def test_external_data_outside_the_engine_is_refused(engine_copy, tmp_path):
 
 def test_engine_for_a_missing_provider_is_refused(engine_copy):
     manifest = json.loads((engine_copy / "manifest.json").read_text())
-    manifest.update(target="cuda", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    manifest.update(target="cuda", device="cuda", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     _write_signed(engine_copy, manifest)
-    with pytest.raises(EngineError, match="engine target 'cuda' needs CUDAExecutionProvider"):
+    with pytest.raises(EngineError, match="engine target 'cuda': ONNX Runtime here lacks CUDAExecutionProvider"):
         kiln.load(engine_copy)
+    with pytest.raises(EngineError, match="engine target 'cuda' runs on cuda, not device='cpu'"):
+        kiln.load(engine_copy, device="cpu")
 
 
 def test_predict_from_threads_matches_serial(engine_dir):

@@ -133,28 +133,29 @@ def tensorrt_engine_dir(tmp_path):
     engine = tmp_path / "engine"
     engine.mkdir()
     (engine / "engine.plan").write_bytes(b"not a plan")
-    write_manifest(engine, {"target": "tensorrt", "precision": "fp16", "backend": "tensorrt", "model_file": "engine.plan",
-                            "signature": recorded_signature().to_json()})
+    write_manifest(engine, {"target": "tensorrt", "precision": "fp16", "backend": "tensorrt", "device": "cuda",
+                            "graphs": {"model": {"file": "engine.plan", "signature": recorded_signature().to_json()}}})
     return engine
 
 
 @tensorrt_absent
 def test_loading_without_tensorrt_names_what_is_missing(tensorrt_engine_dir):
     with pytest.raises(EngineError, match=r"engine target 'tensorrt': TensorRT engines need TensorRT: pip install tensorrt"):
-        runtimes.load(tensorrt_engine_dir, device="cuda")
+        runtimes.load(tensorrt_engine_dir)
     with pytest.raises(EngineError, match=r"TensorRT engines need TensorRT"):
         TensorRTPredictor(tensorrt_engine_dir / "engine.plan", recorded_signature())
 
 
 def test_loading_on_the_cpu_says_which_device_is_needed(tensorrt_engine_dir):
-    expected = r"engine target 'tensorrt': TensorRT engines run on an NVIDIA GPU: expected device 'cuda' or 'cuda:N', got 'cpu'"
-    with pytest.raises(EngineError, match=expected):
-        runtimes.load(tensorrt_engine_dir)
+    with pytest.raises(EngineError, match=r"engine target 'tensorrt' runs on cuda, not device='cpu'"):
+        runtimes.load(tensorrt_engine_dir, device="cpu")
+    with pytest.raises(EngineError, match=r"TensorRT engines run on an NVIDIA GPU: expected device 'cuda' or 'cuda:N', got 'cpu'"):
+        TensorRTPredictor(tensorrt_engine_dir / "engine.plan", recorded_signature(), device="cpu")
 
 
 def test_load_options_the_adapter_does_not_take_are_refused(tensorrt_engine_dir):
     with pytest.raises(EngineError, match=r"TensorRT engines take no load options; got threads"):
-        runtimes.load(tensorrt_engine_dir, device="cuda", threads=4)
+        runtimes.load(tensorrt_engine_dir, threads=4)
 
 
 def test_importing_runtimes_and_the_builder_imports_neither_tensorrt_nor_torch():

@@ -18,7 +18,7 @@ def captured(tmp_path_factory):
     from exporter.capture import capture
 
     loaded = load_model("tiny-gpt2")
-    graph = capture(loaded, tmp_path_factory.mktemp("onnx"))
+    graph = capture(loaded, tmp_path_factory.mktemp("onnx"))["model"]
     return graph.path, loaded
 
 
@@ -29,7 +29,8 @@ def tensorrt_engine(captured, tmp_path_factory):
     engine.mkdir()
     fields = build_engine_files(onnx_path, engine, "fp32", PROFILE, loaded.config.max_position_embeddings,
                                 cache_dir=tmp_path_factory.mktemp("cache"))
-    write_manifest(engine, dict(fields, target="tensorrt", precision="fp32"))
+    write_manifest(engine, {"target": "tensorrt", "precision": "fp32", "backend": "tensorrt", "device": "cuda",
+                            "graphs": {"model": fields["graph"]}, "tensorrt": fields["tensorrt"]})
     return engine, fields
 
 
@@ -37,7 +38,7 @@ def tensorrt_engine(captured, tmp_path_factory):
 def predictors(captured, tensorrt_engine):
     from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 
-    engine = runtimes.load(tensorrt_engine[0], device="cuda")
+    engine = runtimes.load(tensorrt_engine[0])
     yield engine, OnnxRuntimePredictor(captured[0])
     engine.close()
 

@@ -7,9 +7,7 @@ import pytest
 
 from kiln.errors import KilnError
 from kiln.tensorrt_build import (
-    DEFAULT_PROFILE,
     NOT_INSTALLED,
-    DimRange,
     HostFacts,
     ParserProblem,
     build_or_reuse_plan,
@@ -18,13 +16,12 @@ from kiln.tensorrt_build import (
     engine_cache_key,
     onnx_sha256,
     onnx_signature,
-    parse_profile,
     parser_failure,
     precision_flags,
-    profile_shapes,
-    tag_plugin_nodes,
 )
-from tests.tensorrt.graphs import HEAD_DIM, KV_HEADS, attention_node, contract_graph
+from kiln.tensorrt_profile import DEFAULT_PROFILE, DimRange, parse_profile, profile_shapes
+from plugins.onnx_node import tag_plugin_nodes
+from tests.kiln.tensorrt_graphs import HEAD_DIM, KV_HEADS, attention_node, contract_graph
 
 HOST = HostFacts("NVIDIA H100 80GB HBM3", "9.0", "10.13.0")
 tensorrt_absent = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

@@ -1,0 +1,42 @@
+"""What a model kind hands the capturers for each of its graphs, and the kinds by name."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from exporter.errors import ModelSourceError
+from runtimes.signature import Signature
+
+
+@dataclass(frozen=True)
+class GraphExport:
+    """One graph to capture: a module, example arguments in its forward's structure, and its contract."""
+
+    module: Any  # torch.nn.Module
+    args: tuple
+    # dim(name) -> a torch.export Dim (ONNX: named; AOTInductor: Dim.DYNAMIC) => `dynamic_shapes` for export
+    dynamic_shapes: Callable[[Callable[[str], Any]], Any]
+    signature: Signature  # IO names in the order of the module's flattened inputs and outputs, with dim names
+
+
+@dataclass(frozen=True)
+class ExportKind:
+    """A model kind as the exporter sees it. `module` ("exporter.decoder_lm") provides `AUTO_CLASS`, the
+    transformers class that builds and loads such models; `graphs(loaded) -> {role: GraphExport}`; and
+    `eager_functions(loaded) -> {role: callable}`, the source in PyTorch eager (flat tensors in and out)."""
+
+    name: str
+    module: str
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+KINDS = {k.name: k for k in (ExportKind("decoder-lm", "exporter.decoder_lm"),)}
+
+
+def export_kind(name: str, where: str) -> ExportKind:
+    if name not in KINDS:
+        raise ModelSourceError(f"{where}: a {name} model; torchkiln converts {', '.join(KINDS)} models so far")
+    return KINDS[name]

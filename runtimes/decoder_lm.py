@@ -1,0 +1,111 @@
+"""The decoder-LM kind: its IO contract, signature and feed builders, in numpy only.
+
+IO names are those Optimum and ONNX Runtime GenAI use: `input_ids [batch, sequence]`,
+`attention_mask [batch, total_sequence]`, `position_ids [batch, sequence]`,
+`past_key_values.{i}.key|value [batch, kv_heads, past_sequence, head_dim]` -> `logits [batch, sequence,
+vocab]`, `present.{i}.key|value [batch, kv_heads, total_sequence, head_dim]`. One graph, role `model`,
+serves prefill (past_sequence 0) and decode.
+
+The exporter, the optimizers, verification, bench, the reference and the decode loop all build their
+feeds here. The kind's Predictor (`generate`, `stream`) is `runtimes.generate.DecoderLMPredictor`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from runtimes.signature import Signature, TensorSpec
+
+KIND = "decoder-lm"
+GRAPHS = ("model",)
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes of one decoder LM, read from its config: what the KV-cache contract is built from."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    """(input names, output names) in the order every graph of this kind takes and gives them."""
+    cache = [(i, kind) for i in range(layers) for kind in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"{PAST_PREFIX}{i}.{k}" for i, k in cache]
+    outputs = ["logits"] + [f"{PRESENT_PREFIX}{i}.{k}" for i, k in cache]
+    return inputs, outputs
+
+
+def contract_signature(facts: ModelFacts, dtype: str = "float32") -> Signature:
+    """The signature every engine of this kind has, its caches and logits in `dtype`."""
+    inputs, outputs = io_names(facts.layers)
+    tokens = {"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "total_sequence"),
+              "position_ids": ("batch", "sequence")}
+    past = ("batch", facts.kv_heads, "past_sequence", facts.head_dim)
+    present = ("batch", facts.kv_heads, "total_sequence", facts.head_dim)
+    return Signature(
+        tuple(TensorSpec(n, "int64", tokens[n]) if n in tokens else TensorSpec(n, dtype, past) for n in inputs),
+        tuple(TensorSpec(n, dtype, ("batch", "sequence", facts.vocab_size) if n == "logits" else present)
+              for n in outputs),
+    )
+
+
+def vocab_size(signature: Signature) -> int:
+    """The logits' last axis; the exporter fixes it, so it is a number in every engine's signature."""
+    logits = next(t for t in signature.outputs if t.name == "logits")
+    return int(logits.shape[-1])
+
+
+def empty_cache(signature: Signature, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past arrays for a prefill step, `[batch, kv_heads, 0, head_dim]`."""
+    cache = {}
+    for spec in signature.past_inputs:
+        shape = [batch if i == 0 else (0 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
+        cache[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return cache
+
+
+def carried_cache(signature: Signature, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The next step's `past_key_values.*` feeds: this step's `present.*` outputs, not copied."""
+    return {spec.name: outputs[PRESENT_PREFIX + spec.name[len(PAST_PREFIX):]] for spec in signature.past_inputs}
+
+
+def positions_of(mask: np.ndarray) -> np.ndarray:
+    """Each token's position from `attention_mask [batch, total]`: the count of real tokens before it
+    (left padding gets 0)."""
+    return np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
+
+
+def prefill_feeds(signature: Signature, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A prefill of `ids [batch, sequence]` (left-padded where `mask` is 0) with empty caches."""
+    ids = np.asarray(ids, dtype=np.int64)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask, dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions_of(mask),
+            **empty_cache(signature, ids.shape[0])}
+
+
+def next_feeds(signature: Signature, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+               new_ids: np.ndarray, new_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The step after `feeds`: `new_ids [batch, n]` appended behind the cache `outputs` returned.
+
+    `new_mask [batch, n]` marks which new tokens are real (default: all); positions continue each row's count.
+    """
+    new_ids = np.asarray(new_ids, dtype=np.int64)
+    new_mask = np.ones_like(new_ids) if new_mask is None else np.asarray(new_mask, dtype=np.int64)
+    mask = np.concatenate([feeds["attention_mask"], new_mask], axis=1)
+    positions = positions_of(mask)[:, -new_ids.shape[1]:]
+    return {"input_ids": new_ids, "attention_mask": mask, "position_ids": positions,
+            **carried_cache(signature, outputs)}
+
+
+def calibration_prefills(signature: Signature, token_ids: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """One prefill per row of `token_ids [rows, sequence]`: feeds for static quantization's calibration."""
+    return [prefill_feeds(signature, row[None, :]) for row in np.asarray(token_ids, dtype=np.int64)]
