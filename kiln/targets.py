@@ -15,7 +15,7 @@ class Target:
     description: str
     providers: tuple[str, ...] = ()  # ONNX Runtime execution providers, in priority order
     recipe: str | None = None  # which optimizers.RECIPES row applies; None: cleanup only (the engine fuses itself)
-    gpu: str | None = None  # "cuda" or "rocm": the GPU platform torch must be built for
+    gpu: str | None = None  # "nvidia" (CUDA) or "amd" (ROCm): the GPU torch must be built for
 
 
 TARGETS = {
@@ -24,17 +24,17 @@ TARGETS = {
         Target("cpu", "onnxruntime", "cpu", ("fp32", "int8", "int8-static", "int4"), "ONNX Runtime on the CPU",
                providers=("CPUExecutionProvider",), recipe="cpu"),
         Target("cuda", "onnxruntime", "cuda", ("fp16", "fp32", "int8", "int4"), "ONNX Runtime's CUDA provider on an NVIDIA GPU",
-               providers=("CUDAExecutionProvider", "CPUExecutionProvider"), recipe="cuda", gpu="cuda"),
+               providers=("CUDAExecutionProvider", "CPUExecutionProvider"), recipe="cuda", gpu="nvidia"),
         Target("rocm", "onnxruntime", "cuda", ("fp16", "fp32"), "ONNX Runtime's MIGraphX provider on an AMD GPU",
-               providers=("MIGraphXExecutionProvider", "CPUExecutionProvider"), recipe="cuda", gpu="rocm"),
+               providers=("MIGraphXExecutionProvider", "CPUExecutionProvider"), recipe="cuda", gpu="amd"),
         Target("ort-tensorrt", "onnxruntime", "cuda", ("fp32",),
                "ONNX Runtime's TensorRT provider: TensorRT fuses at session start, no plan to manage",
-               providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), gpu="cuda"),
+               providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), gpu="nvidia"),
         Target("tensorrt", "tensorrt", "cuda", ("fp16", "fp32", "bf16"), "TensorRT plan (engine.plan) on an NVIDIA GPU",
-               gpu="cuda"),
+               gpu="nvidia"),
         Target("aoti-cpu", "aoti", "cpu", ("fp32",), "AOTInductor package (model.pt2) on the CPU"),
-        Target("aoti-cuda", "aoti", "cuda", ("fp32",), "AOTInductor package on an NVIDIA GPU", gpu="cuda"),
-        Target("aoti-rocm", "aoti", "cuda", ("fp32",), "AOTInductor package on an AMD GPU (ROCm build of torch)", gpu="rocm"),
+        Target("aoti-cuda", "aoti", "cuda", ("fp32",), "AOTInductor package on an NVIDIA GPU", gpu="nvidia"),
+        Target("aoti-rocm", "aoti", "cuda", ("fp32",), "AOTInductor package on an AMD GPU (ROCm build of torch)", gpu="amd"),
     )
 }
 
@@ -59,9 +59,9 @@ def missing_on_host(target: Target) -> str | None:
         return missing
     import torch
 
-    platform = "ROCm (HIP)" if target.gpu == "rocm" else "CUDA"
+    platform = "ROCm (HIP)" if target.gpu == "amd" else "CUDA"
     if not torch.cuda.is_available():
         return f"needs a {platform} build of torch and a GPU; this torch is {torch.__version__} and sees no GPU"
-    if (target.gpu == "rocm") != (torch.version.hip is not None):
+    if (target.gpu == "amd") != (torch.version.hip is not None):
         return f"needs a {platform} build of torch; this one is {torch.__version__}"
     return None
