@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-DEMO_PRESET ?= tiny-gpt2
+# The trained preset: it learned arithmetic sequences, and its tokenizer spells each token as a number.
+DEMO_PRESET ?= tiny-trained
+DEMO_PROMPT ?= 5 8 11
 DEMO_OUT ?= build/$(DEMO_PRESET)-cpu-fp32
 # What `make cpu|aoti|cuda|rocm|tensorrt` converts: a preset, a model folder or package.module:factory.
 MODEL ?= tiny-gpt2
@@ -18,7 +20,7 @@ include plugins/plugins.mk
 help:
 	@echo "make install   create $(VENV), install $(TORCH_SPEC) then torchkiln[dev] pinned to it"
 	@echo "make test      install, then run the test suite"
-	@echo "make demo      install, convert $(DEMO_PRESET) for the CPU, verify, generate, benchmark beside PyTorch"
+	@echo "make demo      install, convert $(DEMO_PRESET) for the CPU, verify, generate from \"$(DEMO_PROMPT)\", benchmark beside PyTorch"
 	@echo "make plugins-cuda  build the attention kernel: cubin for $(CUDA_ARCHS) (nvcc)"
 	@echo "make plugins-rocm  build the attention kernel for $(ROCM_ARCH) (hipcc, installed from Debian if missing)"
 	@echo "make plugins-cpu   build the C++ reference: a plain library and the kiln::causal_attention torch op"
@@ -48,7 +50,8 @@ test: install
 demo: install
 	$(BIN)/kiln convert $(DEMO_PRESET) --target cpu --precision fp32 -o $(DEMO_OUT) --force
 	$(BIN)/kiln inspect $(DEMO_OUT)
-	$(BIN)/kiln generate $(DEMO_OUT) --prompt-ids 1,2,3,4 --max-new-tokens 32
+	@echo "The model continues the sequence \"$(DEMO_PROMPT)\" (it learned a, a+d, a+2d, ... mod 64):"
+	$(BIN)/kiln generate $(DEMO_OUT) --prompt "$(DEMO_PROMPT)" --max-new-tokens 16
 	$(BIN)/kiln bench $(DEMO_OUT) --reference --prompt-lengths 32,128 --rounds 2
 
 # Each hardware target converts into build/<model>-<target>-<precision>/ (kiln's default) and verifies.

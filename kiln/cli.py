@@ -69,7 +69,7 @@ def _json_mode(ctx: click.Context, as_json: bool) -> None:
 @click.option("--no-verify", "skip_verify", is_flag=True, help="Skip verification against PyTorch (recorded in the manifest).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--passes", help="Comma-separated optimization passes instead of the recipe; `--passes list` shows the recipe.")
-@click.option("--pass-option", "pass_options", multiple=True, metavar="PASS.KEY=VALUE",
+@click.option("--pass-option", "pass_options", multiple=True, metavar="PASS.OPTION=VALUE",
               help="Set a pass's option, e.g. int4.block_size=64 (repeatable; `--passes list` shows each pass's options).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="int8-static: calibrate on this text file (tokenized with the model's tokenizer) or .npz of token ids.")

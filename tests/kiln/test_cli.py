@@ -119,3 +119,13 @@ def test_inspect_writes_a_markdown_report_with_a_bench(engine_dir, tmp_path):
         assert heading in text
     assert "| fusion |" in text and "| logits |" in text and "| pytorch eager |" in text
     assert (tmp_path / "engine.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_plugin_build_failure_is_a_user_error_naming_the_compiler(tmp_path, monkeypatch):
+    from kiln.errors import EXIT_USER, exit_code_of
+    from plugins import PluginBuildError, build
+
+    monkeypatch.setenv("CXX", "no-such-c++")
+    with pytest.raises(PluginBuildError, match="no-such-c\\+\\+ not found on PATH") as info:
+        build("cpu", build_dir=tmp_path)
+    assert exit_code_of(info.value) == EXIT_USER
