@@ -19,12 +19,9 @@ import torch
 from exporter.errors import ExportError
 from exporter.graphs import GraphExport, export_kind
 from exporter.sources import LoadedModel
+from runtimes.engine_dir import EXTERNAL_DATA_BYTES
 from runtimes.signature import Signature
 
-# Above this the weights go to model.onnx.data. Protobuf cannot hold 2 GiB, and well before that, saving
-# weights inside the .onnx builds the whole message in memory (measured on gpt2's 497 MB: peak RSS of the
-# export 2.37 GB inline, 0.95 GB external). The optimization passes save by the same rule.
-EXTERNAL_DATA_THRESHOLD = 64 * 1024**2
 
 
 @dataclass
@@ -58,7 +55,7 @@ def quiet_exporter():
         yield
 
 
-def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, CapturedGraph]:
+def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = EXTERNAL_DATA_BYTES) -> dict[str, CapturedGraph]:
     """Export each graph of `loaded` to ONNX in `out_dir` (+ `.data` beside it when its weights pass the threshold)."""
     from torch.export import Dim
 

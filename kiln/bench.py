@@ -71,8 +71,8 @@ def reference_candidate(engine_dir: Path, threads: int, compiled: bool = False) 
     manifest = read_manifest(engine_dir)
     predictor = load_reference(engine_dir)
     if compiled:
-        model = predictor.graphs["model"]
-        model.function = torch.compile(model.function, dynamic=True)
+        for graph in predictor.graphs.values():
+            graph.function = torch.compile(graph.function, dynamic=True)
     label = "torch.compile" if compiled else "pytorch eager"
     return Candidate(label, predictor, None, 0, 0, _max_positions(manifest), manifest["source"]["config"]["vocab_size"])
 

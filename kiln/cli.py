@@ -138,7 +138,7 @@ def _print_recipe(target: str, precision: str, as_json: bool) -> None:
     from kiln.backends import backend_of
     from kiln.targets import target_named
     from optimizers import describe_options
-    from optimizers.passes import PASSES
+    from optimizers import PASSES
 
     spec = target_named(target, precision)
     backend = backend_of(spec)

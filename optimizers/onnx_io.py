@@ -9,10 +9,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from optimizers.pass_types import initializer_bytes
-
-# Saving weights inside the .onnx file builds the whole protobuf in memory first (measured on gpt2: peak
-# 2.1 GB instead of 1.05 GB); external data is written tensor by tensor.
-EXTERNAL_DATA_BYTES = 64 * 1024**2
+from runtimes.engine_dir import EXTERNAL_DATA_BYTES
 
 
 def save(model: ir.Model, path: str | Path, external_data: bool | None = None) -> list[Path]:

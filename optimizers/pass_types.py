@@ -134,7 +134,8 @@ class Pass:
         return {name: given.get(name, o.default) for name, o in declared.items()}
 
     def __call__(self, model: ir.Model, context: PassContext) -> tuple[ir.Model, PassReport]:
-        context = replace(context, options={**context.options, self.name: self.settings(context.options.get(self.name, {}))})
+        settings = self.settings(context.options.get(self.name, {}))
+        context = replace(context, options={**context.options, self.name: settings})  # the caller's stays as given
         ops_before, bytes_before = op_counts(model), initializer_bytes(model)
         start = time.perf_counter()
         model, details = self.run(model, context)

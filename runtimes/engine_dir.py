@@ -12,6 +12,10 @@ from pathlib import Path
 from runtimes.errors import EngineError
 
 MANIFEST = "manifest.json"
+# A graph's weights go to `<graph file>.data` above this, at capture and after every pass. Protobuf cannot
+# hold 2 GiB, and well before that, saving weights inside the .onnx builds the whole message in memory
+# (gpt2's 497 MB: peak RSS 2.37 GB inline, 0.95 GB external); external data is written tensor by tensor.
+EXTERNAL_DATA_BYTES = 64 * 1024**2
 # 2: `kind`, `device` and `graphs` (role -> file and signature) replace `model_file` and `signature`.
 SCHEMA_VERSION = 2
 

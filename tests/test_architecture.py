@@ -18,8 +18,8 @@ ALLOWED = {
     "runtimes": {"plugins"},
     "plugins": set(),
 }
-# What exporter and optimizers may import of runtimes: the kind contracts, the signature, errors.
-RUNTIMES_CONTRACTS = {"runtimes.decoder_lm", "runtimes.signature", "runtimes.errors"}
+# What exporter and optimizers may import of runtimes: the kind contracts, the signature, the engine format.
+RUNTIMES_CONTRACTS = {"runtimes.decoder_lm", "runtimes.signature", "runtimes.engine_dir", "runtimes.errors"}
 BACKEND_NAMES = {"onnxruntime", "aoti", "tensorrt"}
 
 

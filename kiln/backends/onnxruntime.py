@@ -9,10 +9,11 @@ from kiln.backends.record import Backend, BuildRequest
 
 
 def capture_onnx(loaded, workdir: Path, request: BuildRequest) -> dict:
-    from exporter.capture import EXTERNAL_DATA_THRESHOLD, capture
+    from exporter.capture import capture
 
-    threshold = request.external_data_threshold
-    return capture(loaded, workdir, EXTERNAL_DATA_THRESHOLD if threshold is None else threshold)
+    if request.external_data_threshold is None:
+        return capture(loaded, workdir)
+    return capture(loaded, workdir, request.external_data_threshold)
 
 
 def recipe(target, precision: str) -> list[str]:

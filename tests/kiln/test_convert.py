@@ -23,7 +23,8 @@ def test_every_family_converts_and_verifies(engine_dir, preset):
     assert manifest["source"]["spec"] == preset and manifest["target"] == "cpu" and manifest["precision"] == "fp32"
     assert [s["name"] for s in manifest["steps"]] == ["load", "export", "optimize", "verify"]
     assert [p["name"] for p in manifest["passes"]] == ["cleanup", "fusion"]
-    signature = {t["name"]: t["shape"] for t in manifest["signature"]["inputs"]}
+    assert (manifest["kind"], manifest["device"], list(manifest["graphs"])) == ("decoder-lm", "cpu", ["model"])
+    signature = {t["name"]: t["shape"] for t in manifest["graphs"]["model"]["signature"]["inputs"]}
     assert signature["input_ids"] == ["batch", "sequence"]
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from optimizers import PASSES, Pass, PassContext, PassOption, RecipeError, describe_options, parse_pass_options, run_recipe
+from optimizers import (
+    PASSES, Pass, PassContext, PassOption, RecipeError, describe_options, parse_pass_options, run_recipe,
+)
 
 MHA, SLN = "com.microsoft::MultiHeadAttention", "com.microsoft::SkipLayerNormalization"
 FAST_GELU, NBITS = "com.microsoft::FastGelu", "com.microsoft::MatMulNBits"
