@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort  # noqa: F401  (the session type in bare_loop's signature)
 
 import kiln
+from runtimes.decoder_lm import past_inputs
 
 
 def bare_loop(session: ort.InferenceSession, past_names: list[str], prompt: np.ndarray, new_tokens: int, cache_shape):
@@ -59,7 +60,7 @@ def main() -> None:
     # The bare loop drives the adapter's own InferenceSession: two sessions of one model differed by up
     # to 10 % here depending on which was created first, which would hide what the adapter itself costs.
     session = predictor.model.session
-    past = predictor.signature.past_inputs
+    past = past_inputs(predictor.signature)
     cache_shape = (1, past[0].shape[1], 0, past[0].shape[3])
     prompt = np.random.default_rng(0).integers(0, 1000, size=(1, args.prompt))
 

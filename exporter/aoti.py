@@ -38,7 +38,7 @@ def capture_aoti(loaded: LoadedModel, out_dir: Path, device: str = "cpu", kiln_a
             path = graph_path(out_dir, role, ".pt2")
             routed = kiln_attention_layers(loaded.module) if kiln_attention else contextlib.nullcontext()
             try:
-                with quiet_exporter(), routed:
+                with quiet_exporter(), routed, graph.capturing():
                     program = torch.export.export(graph.module, args, dynamic_shapes=shapes, strict=False)
                     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
             except Exception as e:  # export and Inductor raise many types; all mean "this model cannot be compiled"

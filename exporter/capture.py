@@ -63,7 +63,7 @@ def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = E
     for role, graph in kind_graphs(loaded).items():
         signature = graph.signature
         try:
-            with quiet_exporter():
+            with quiet_exporter(), graph.capturing():
                 program = torch.onnx.export(
                     graph.module, graph.args, dynamic_shapes=graph.dynamic_shapes(Dim), dynamo=True, optimize=True,
                     input_names=[t.name for t in signature.inputs], output_names=[t.name for t in signature.outputs],

@@ -4,8 +4,11 @@ The IO contract itself (names, dims, feeds) is `runtimes.decoder_lm`, shared wit
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from exporter.errors import ModelSourceError
 from exporter.graphs import GraphExport
 from runtimes.decoder_lm import ModelFacts, contract_signature
 
@@ -43,8 +46,8 @@ def example_inputs(facts: ModelFacts, batch: int = 2, sequence: int = 3, past: i
     input_ids = torch.randint(0, facts.vocab_size, (batch, sequence), generator=generator)
     attention_mask = torch.ones(batch, past + sequence, dtype=torch.int64)
     position_ids = torch.arange(past, past + sequence).expand(batch, sequence).contiguous()
-    cache_shape = (batch, facts.kv_heads, past, facts.head_dim)
-    caches = [torch.randn(cache_shape, generator=generator) for _ in range(2 * facts.layers)]
+    caches = [torch.randn((batch, facts.kv_heads, past, width), generator=generator)
+              for _ in range(facts.layers) for width in (facts.head_dim, facts.value_dim)]
     return [input_ids, attention_mask, position_ids, *caches]
 
 
@@ -69,8 +72,73 @@ def graphs(loaded) -> dict[str, GraphExport]:
             args=(args[0], args[1], args[2], args[3:]),
             dynamic_shapes=lambda dim: dynamic_shapes(facts.layers, dim),
             signature=contract_signature(facts),
+            capturing=lambda: exportable_experts(loaded.module),
         )
     }
+
+
+@contextlib.contextmanager
+def exportable_experts(module):
+    """Mixture-of-experts layers run their experts as batched matmuls while captured.
+
+    transformers' default (`grouped_mm`) calls a custom op that ONNX cannot express, and its `eager` loop
+    indexes tokens by expert, a data-dependent shape torch.export refuses; `batched_mm` gathers each token's
+    experts' weights and is plain tensor math (and the form ONNX Runtime's MoE fusion takes). The eager
+    reference keeps the model's own implementation, so verification compares the two.
+    """
+    if not getattr(module, "_can_set_experts_implementation", lambda: False)():
+        yield
+        return
+    original = module.get_experts_implementation()
+    module.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        module.set_experts_implementation(original)
+
+
+# Cache layers that hold plain keys and values, `[batch, kv_heads, length, head_dim]`, as the contract does.
+_KV_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def model_facts(module, where: str) -> ModelFacts:
+    """The model's sizes, its cache's read from the cache it writes on a 2-token prefill (so multi-query,
+    grouped-query and latent attention all come out as they are); ModelSourceError naming the reason
+    when that cache is not a key/value cache the contract can carry."""
+    config = module.config.get_text_config(decoder=True)
+    vocab = config.vocab_size
+    ids = torch.tensor([[1, 2]]) % vocab
+    try:
+        with torch.no_grad():
+            out = module(input_ids=ids, use_cache=True)
+    except Exception as e:  # the model's own error: a config the model cannot run
+        raise ModelSourceError(f"{where}: the model does not run a prefill of 2 tokens: {type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise ModelSourceError(f"{where}: {type(module).__name__} returns no KV cache, which the decoder engine "
+                               "contract needs (each step feeds the last one's keys and values back)")
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise ModelSourceError(f"{where}: {type(module).__name__} keeps its own cache class "
+                               f"({type(cache).__name__}), not transformers' DynamicCache")
+    kinds = sorted({type(layer).__name__ for layer in layers} - set(_KV_LAYERS))
+    if kinds:
+        raise ModelSourceError(f"{where}: {type(module).__name__} keeps a recurrent or state-space cache "
+                               f"({', '.join(kinds)}), not keys and values the engine could carry between steps")
+    shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in layers}
+    if len(shapes) != 1:
+        raise ModelSourceError(f"{where}: {type(module).__name__}'s layers keep caches of different shapes "
+                               f"({sorted(shapes)}); the contract has one shape for every layer")
+    ((kv_heads, key_dim), (_, value_dim)), = shapes
+    heads = getattr(config, "num_attention_heads", None) or kv_heads
+    return ModelFacts(
+        layers=len(layers), heads=heads, kv_heads=kv_heads, head_dim=key_dim,
+        hidden_size=getattr(config, "hidden_size", 0), vocab_size=out.logits.shape[-1],
+        value_head_dim=value_dim if value_dim != key_dim else None,
+    )
 
 
 def eager_functions(loaded) -> dict:

@@ -1,29 +1,31 @@
 """Decoder-LM families: every per-architecture fact that capture, the passes and the plugin need, one record each.
 
-A family is a small record, not a class: Hugging Face configs already expose the standard attribute
-names (`num_hidden_layers`, `num_attention_heads`, `hidden_size`) through their attribute maps. Passes
-receive the record through their context (`PassContext.family`).
+A record is optional: any transformers causal LM with a key/value cache converts, and a family without
+one gets a record derived from its config (`family_of`), marked untested. The records here add what
+cannot be derived (what the attention plugin rebuilds, fusion notes) and list the families the CI
+matrix converts and checks token for token (`kiln families`). Passes receive the record through their
+context (`PassContext.family`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.errors import ModelSourceError
-from runtimes.decoder_lm import ModelFacts
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     model_type: str  # config.model_type in transformers
-    positions: str  # "learned" | "rotary" | "alibi" (the kiln_attention pass rebuilds ALiBi's bias)
-    max_positions: str | None  # the config attribute bounding positions; None: unbounded (ALiBi)
+    positions: str = "rotary"  # "learned" | "rotary" | "alibi" (the kiln_attention pass rebuilds ALiBi's bias)
+    max_positions: str | None = "max_position_embeddings"  # the config attribute bounding positions; None: unbounded
     # Layers call transformers' AttentionInterface registry, so kiln_attention can route them to the
     # plugin op at capture (AOTInductor); the others compute attention inline.
-    attention_registry: bool
-    plugin_biases: str | None  # the biases kiln::CausalAttention rebuilds for this family; None: not replaceable
-    plugin_refusal: str = ""  # why the plugin cannot replace this family's attention
+    attention_registry: bool = True
+    plugin_biases: str | None = None  # the biases kiln::CausalAttention rebuilds for this family; None: not replaceable
+    plugin_refusal: str = "no recipe for this family's attention biases yet"  # why the plugin cannot replace it
     fusion_note: str = ""  # what ONNX Runtime's fusions give this family's export, and why not more
+    notes: str = ""  # what is particular about it (window, soft-capping, experts, ...), for `kiln families`
+    tested: bool = True  # in the CI matrix: converts, and generates the tokens transformers does
 
     def max_positions_of(self, config) -> int | None:
         """The model's position limit from its config (an object or the manifest's dict)."""
@@ -69,27 +71,27 @@ FAMILIES = {
         ),
     )
 }
-FAMILIES_BY_NAME = {f.name: f for f in FAMILIES.values()}
 
 
-def family_of(config, where: str = "config") -> Family:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ModelSourceError(
-            f"{where}: model_type {model_type!r} is not a supported family "
-            f"(supported: {', '.join(sorted(FAMILIES))})"
-        )
-    return FAMILIES[model_type]
+# Config attributes that bound positions, in the order families name them.
+_MAX_POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def facts_of(config) -> ModelFacts:
-    heads = config.num_attention_heads
-    hidden = config.hidden_size
-    return ModelFacts(
-        layers=config.num_hidden_layers,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or hidden // heads,
-        hidden_size=hidden,
-        vocab_size=config.vocab_size,
+def family_of(config, model_class=None) -> Family:
+    """The record of `config.model_type`, or one derived from the config for a family without a record
+    (converted all the same, and reported as untested)."""
+    model_type = getattr(config, "model_type", None) or "unknown"
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    alibi = bool(getattr(text, "alibi", False)) or getattr(text, "position_embedding_type", None) == "alibi"
+    rotary = any(hasattr(text, a) for a in ("rope_theta", "rope_parameters", "rotary_dim", "rotary_pct"))
+    return Family(
+        name=model_type, model_type=model_type,
+        positions="alibi" if alibi else "rotary" if rotary else "learned",
+        max_positions=next((a for a in _MAX_POSITION_ATTRIBUTES if getattr(text, a, None)), None),
+        attention_registry=bool(getattr(model_class, "_supports_attention_backend", False)),
+        tested=False,
     )
+
+

@@ -1,9 +1,10 @@
 """What a model kind hands the capturers for each of its graphs, and the kinds by name."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from exporter.errors import ModelSourceError
 from runtimes.signature import Signature
@@ -18,12 +19,14 @@ class GraphExport:
     # dim(name) -> a torch.export Dim (ONNX: named; AOTInductor: Dim.DYNAMIC) => `dynamic_shapes` for export
     dynamic_shapes: Callable[[Callable[[str], Any]], Any]
     signature: Signature  # IO names in the order of the module's flattened inputs and outputs, with dim names
+    capturing: Callable[[], ContextManager] = contextlib.nullcontext  # what must hold while it is captured
 
 
 @dataclass(frozen=True)
 class ExportKind:
     """A model kind as the exporter sees it. `module` ("exporter.decoder_lm") provides `AUTO_CLASS`, the
-    transformers class that builds and loads such models; `graphs(loaded) -> {role: GraphExport}`; and
+    transformers class that builds and loads such models; `model_facts(module, where)`, its sizes (or
+    ModelSourceError when the kind cannot carry it); `graphs(loaded) -> {role: GraphExport}`; and
     `eager_functions(loaded) -> {role: callable}`, the source in PyTorch eager (flat tensors in and out)."""
 
     name: str

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import ModelSourceError
-from exporter.families import Family, facts_of, family_of
+from exporter.families import Family, family_of
 from exporter.graphs import export_kind
 from exporter.presets import PRESETS
 from runtimes.decoder_lm import ModelFacts
@@ -87,9 +87,8 @@ def _load_factory(spec: str) -> LoadedModel:
     if not isinstance(module, torch.nn.Module) or not hasattr(module, "config"):
         raise ModelSourceError(
             f"{spec}: the factory returned {type(module).__name__}; expected a transformers causal LM "
-            "(an nn.Module with a .config of a supported family)"
+            "(an nn.Module with a transformers .config)"
         )
-    family_of(module.config, where=spec)
     return _loaded(module.float(), spec, "factory", state_dict_sha256(module), "decoder-lm")
 
 
@@ -118,10 +117,10 @@ def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ModelSourceError(f"{config_path}: {_first_line(e)}") from None
-    family_of(config, where=str(config_path))
     try:
         # transformers reads safetensors when present and torch.load(weights_only=True) otherwise.
         auto_class = getattr(transformers, export_kind(kind, str(folder)).load().AUTO_CLASS)
+        transformers.utils.logging.disable_progress_bar()  # convert shows its own progress
         module, info = auto_class.from_pretrained(
             folder, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
             local_files_only=True, output_loading_info=True,
@@ -146,7 +145,8 @@ def _loaded(module, spec: str, origin: str, weights_sha256: str, kind: str) -> L
     transformers.logging.set_verbosity_error()
     module.eval()
     config = module.config
-    return LoadedModel(module, family_of(config), facts_of(config), config, spec, origin, weights_sha256, kind=kind)
+    facts = export_kind(kind, spec).load().model_facts(module, spec)
+    return LoadedModel(module, family_of(config, type(module)), facts, config, spec, origin, weights_sha256, kind=kind)
 
 
 def state_dict_sha256(module) -> str:

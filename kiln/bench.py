@@ -78,10 +78,11 @@ def reference_candidate(engine_dir: Path, threads: int, compiled: bool = False) 
 
 
 def _max_positions(manifest: dict) -> int | None:
-    from exporter.families import FAMILIES_BY_NAME
-
-    family = FAMILIES_BY_NAME.get(manifest["source"]["family"])
-    return family.max_positions_of(manifest["source"]["config"]) if family else None
+    source = manifest["source"]
+    if "max_positions" in source:
+        return source["max_positions"]
+    config = source["config"]  # engines of schema 1
+    return config.get("n_positions") or config.get("max_position_embeddings")
 
 
 def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> float:

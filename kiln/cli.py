@@ -111,6 +111,9 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
         click.echo(json.dumps({"ok": True, "exit_code": 0, "engine_dir": str(result.engine_dir), **_summary(manifest)}, indent=2))
         return
     click.echo(f"engine: {result.engine_dir}")
+    if not manifest["source"].get("family_tested", True):
+        click.echo(f"note: family {manifest['source']['family']!r} is not in the tested matrix (`kiln families`); "
+                   "it converted and verified as shown below", err=True)
     for candidate in manifest.get("auto", {}).get("candidates", []):
         if "request_seconds" in candidate:
             click.echo(f"candidate {candidate['precision']:<12} {candidate['request_seconds']:.3f} s per request, "
@@ -247,6 +250,26 @@ def presets(as_json):
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
         click.echo(f"{name:<{width}}  {preset.description}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def families(as_json):
+    """List the model families known to convert (the tested matrix), with what is particular to each.
+
+    Any other transformers causal LM with a key/value cache converts too; convert says it is untested.
+    """
+    from exporter.families import FAMILIES
+
+    records = {f.name: {"model_type": f.model_type, "positions": f.positions, "notes": f.notes,
+                        "attention_plugin": f.plugin_biases or f.plugin_refusal, "fusion": f.fusion_note}
+               for f in FAMILIES.values() if f.tested}
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    width = max(map(len, records))
+    for name, record in records.items():
+        click.echo(f"{name:<{width}}  {record['model_type']:<14} {record['positions']:<8} {record['notes']}")
 
 
 @cli.command()

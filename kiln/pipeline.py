@@ -114,7 +114,7 @@ def convert(
             if calibration is not None:
                 request.calibration = read_calibration(Path(calibration), loaded)
         with step("export"):
-            graphs = backend.capture(loaded, workdir, request)
+            graphs = _capture(backend, loaded, workdir, request)
             tokenizer = _copy_tokenizer(loaded.tokenizer_dir, workdir)
         pass_reports = []
         if backend.recipe is not None:
@@ -126,6 +126,8 @@ def convert(
                 "spec": spec,
                 "origin": loaded.origin,
                 "family": loaded.family.name,
+                "family_tested": loaded.family.tested,
+                "max_positions": loaded.family.max_positions_of(loaded.config),
                 "config": json.loads(loaded.config.to_json_string(use_diff=False)),
                 "weights_sha256": loaded.weights_sha256,
             },
@@ -177,6 +179,18 @@ def convert(
         # Also on KeyboardInterrupt and SystemExit (SIGINT, SIGTERM): never leave a half-built engine.
         shutil.rmtree(workdir, ignore_errors=True)
     return ConvertResult(output, manifest, steps)
+
+
+def _capture(backend, loaded, workdir: Path, request: BuildRequest) -> dict:
+    from exporter import ExportError
+
+    try:
+        return backend.capture(loaded, workdir, request)
+    except ExportError as error:
+        if loaded.family.tested:
+            raise
+        raise ExportError(f"{error} (family {loaded.family.name!r} is untested: `kiln families` lists those known "
+                          "to convert)") from error
 
 
 def _captured_pass_reports(graphs: dict) -> list[dict]:

@@ -22,18 +22,29 @@ KIND = "decoder-lm"
 GRAPHS = ("model",)
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
+# Dims that follow from others: a step's caches hold the past and the new tokens.
+DERIVED_DIMS = {"total_sequence": ("past_sequence", "sequence")}
 
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """Sizes of one decoder LM, read from its config: what the KV-cache contract is built from."""
+    """Sizes of one decoder LM: what the KV-cache contract is built from.
+
+    `kv_heads` and the head dims are those of the caches the model writes (1 KV head for multi-query
+    attention); values may be narrower or wider than keys (multi-head latent attention).
+    """
 
     layers: int
     heads: int
     kv_heads: int
-    head_dim: int
+    head_dim: int  # of the keys
     hidden_size: int
     vocab_size: int
+    value_head_dim: int | None = None  # None: the keys' head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.value_head_dim or self.head_dim
 
 
 def io_names(layers: int) -> tuple[list[str], list[str]]:
@@ -49,11 +60,14 @@ def contract_signature(facts: ModelFacts, dtype: str = "float32") -> Signature:
     inputs, outputs = io_names(facts.layers)
     tokens = {"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "total_sequence"),
               "position_ids": ("batch", "sequence")}
-    past = ("batch", facts.kv_heads, "past_sequence", facts.head_dim)
-    present = ("batch", facts.kv_heads, "total_sequence", facts.head_dim)
+
+    def cache(name: str, length: str) -> TensorSpec:
+        width = facts.value_dim if name.endswith(".value") else facts.head_dim
+        return TensorSpec(name, dtype, ("batch", facts.kv_heads, length, width))
+
     return Signature(
-        tuple(TensorSpec(n, "int64", tokens[n]) if n in tokens else TensorSpec(n, dtype, past) for n in inputs),
-        tuple(TensorSpec(n, dtype, ("batch", "sequence", facts.vocab_size) if n == "logits" else present)
+        tuple(TensorSpec(n, "int64", tokens[n]) if n in tokens else cache(n, "past_sequence") for n in inputs),
+        tuple(TensorSpec(n, dtype, ("batch", "sequence", facts.vocab_size)) if n == "logits" else cache(n, "total_sequence")
               for n in outputs),
     )
 
@@ -64,10 +78,15 @@ def vocab_size(signature: Signature) -> int:
     return int(logits.shape[-1])
 
 
+def past_inputs(signature: Signature) -> tuple[TensorSpec, ...]:
+    """The cache inputs, `past_key_values.{i}.key|value`, in order."""
+    return tuple(t for t in signature.inputs if t.name.startswith(PAST_PREFIX))
+
+
 def empty_cache(signature: Signature, batch: int) -> dict[str, np.ndarray]:
     """Zero-length past arrays for a prefill step, `[batch, kv_heads, 0, head_dim]`."""
     cache = {}
-    for spec in signature.past_inputs:
+    for spec in past_inputs(signature):
         shape = [batch if i == 0 else (0 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
         cache[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return cache
@@ -75,7 +94,7 @@ def empty_cache(signature: Signature, batch: int) -> dict[str, np.ndarray]:
 
 def carried_cache(signature: Signature, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The next step's `past_key_values.*` feeds: this step's `present.*` outputs, not copied."""
-    return {spec.name: outputs[PRESENT_PREFIX + spec.name[len(PAST_PREFIX):]] for spec in signature.past_inputs}
+    return {spec.name: outputs[PRESENT_PREFIX + spec.name[len(PAST_PREFIX):]] for spec in past_inputs(signature)}
 
 
 def positions_of(mask: np.ndarray) -> np.ndarray:

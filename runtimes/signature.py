@@ -43,10 +43,6 @@ class Signature:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
-    @property
-    def past_inputs(self) -> tuple[TensorSpec, ...]:
-        return tuple(t for t in self.inputs if t.name.startswith("past_key_values."))
-
     def validate(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Raise FeedError naming the input when `feeds` does not fit this signature."""
         expected = [t.name for t in self.inputs]

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from runtimes.decoder_lm import DERIVED_DIMS
 from runtimes.errors import EngineError, FeedError
 from runtimes.predictor import Predictor
 from runtimes.signature import Dim, Signature, TensorSpec
@@ -21,8 +22,6 @@ from runtimes.signature import Dim, Signature, TensorSpec
 # trt.DataType member name -> numpy dtype name; bf16 and fp8 IO have no numpy type to hand back.
 TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
               "UINT8": "uint8", "BOOL": "bool"}
-# Past and present caches are derived from each other: total = past + new tokens.
-_DERIVED_DIMS = {"total_sequence": ("past_sequence", "sequence")}
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def plan_bindings(
             if isinstance(dim, str):
                 bound.setdefault(dim, size)
         inputs[tensor.name] = shape
-    for derived, (first, second) in _DERIVED_DIMS.items():
+    for derived, (first, second) in DERIVED_DIMS.items():
         if derived not in bound and first in bound and second in bound:
             bound[derived] = bound[first] + bound[second]
     recorded = {spec.name: spec.shape for spec in signature.outputs}

@@ -6,6 +6,7 @@ import runtimes
 from kiln.manifest import write_manifest
 from kiln.tensorrt_build import build_engine_files
 from runtimes import FeedError
+from runtimes.decoder_lm import past_inputs
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 PROFILE = "batch=1:2:4,sequence=1:1:32,past=0:16:64"
@@ -50,7 +51,7 @@ def feeds(signature, vocab: int, batch: int, sequence: int, past: int, seed: int
         "attention_mask": np.ones((batch, past + sequence), dtype=np.int64),
         "position_ids": np.broadcast_to(np.arange(past, past + sequence), (batch, sequence)).copy(),
     }
-    for spec in signature.past_inputs:
+    for spec in past_inputs(signature):
         shape = (batch, spec.shape[1], past, spec.shape[3])
         result[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return result

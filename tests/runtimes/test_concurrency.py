@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 import kiln
+from runtimes.decoder_lm import past_inputs
 
 THREADS, CALLS = 8, 200
 
@@ -15,7 +16,7 @@ def _rss_bytes() -> int:
 
 def test_one_predictor_serves_8_threads_of_mixed_calls(engine_dir):
     engine = kiln.load(engine_dir("tiny-gpt2"))
-    empty = {s.name: np.zeros((2, 4, 0, 16), np.float32) for s in engine.signature.past_inputs}
+    empty = {s.name: np.zeros((2, 4, 0, 16), np.float32) for s in past_inputs(engine.signature)}
     rng = random.Random(0)
 
     def request(i):

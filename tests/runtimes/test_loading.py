@@ -7,6 +7,7 @@ import pytest
 
 import kiln
 from runtimes import EngineError
+from runtimes.decoder_lm import past_inputs
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ def test_engine_for_a_missing_provider_is_refused(engine_copy):
 def test_predict_from_threads_matches_serial(engine_dir):
     engine = kiln.load(engine_dir("tiny-gpt2"))
     rng = np.random.default_rng(0)
-    empty = {s.name: np.zeros((1, 4, 0, 16), np.float32) for s in engine.signature.past_inputs}
+    empty = {s.name: np.zeros((1, 4, 0, 16), np.float32) for s in past_inputs(engine.signature)}
 
     def feeds(i):
         length = 1 + i % 7

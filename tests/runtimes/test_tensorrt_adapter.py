@@ -11,6 +11,7 @@ import runtimes
 from kiln.manifest import write_manifest
 from runtimes import EngineError, FeedError, Signature, TensorSpec
 from runtimes.tensorrt_adapter import EngineTensor, TensorRTPredictor, check_host, engine_signature, plan_bindings
+from runtimes.decoder_lm import past_inputs
 
 KV, HEAD, VOCAB = 2, 8, 16
 tensorrt_absent = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -56,7 +57,7 @@ def test_signature_takes_dtypes_from_the_plan_and_dim_names_from_the_manifest():
     cache = signature.input("past_key_values.0.key")
     assert cache == TensorSpec("past_key_values.0.key", "float16", ("batch", KV, "past_sequence", HEAD))
     assert signature.outputs[0] == TensorSpec("logits", "float32", ("batch", "sequence", VOCAB))
-    assert [t.name for t in signature.past_inputs] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [t.name for t in past_inputs(signature)] == ["past_key_values.0.key", "past_key_values.0.value"]
 
 
 def test_without_a_recorded_signature_every_dynamic_axis_gets_its_own_name():

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 import kiln
 from exporter import load_model
 from kiln.cli import cli
+from runtimes.decoder_lm import past_inputs
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_kiln_generate_with_token_ids(engine_dir):
 def test_kiln_predict_round_trips_npz(engine_dir, tmp_path):
     engine = kiln.load(engine_dir("tiny-gpt2"))
     feeds = {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), np.int64), "position_ids": np.arange(3)[None]}
-    feeds.update({s.name: np.zeros((1, 4, 0, 16), np.float32) for s in engine.signature.past_inputs})
+    feeds.update({s.name: np.zeros((1, 4, 0, 16), np.float32) for s in past_inputs(engine.signature)})
     np.savez(tmp_path / "in.npz", **feeds)
     result = CliRunner().invoke(cli, ["predict", str(engine_dir("tiny-gpt2")), "--inputs", str(tmp_path / "in.npz"),
                                       "-o", str(tmp_path / "out.npz")])

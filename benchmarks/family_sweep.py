@@ -1,0 +1,123 @@
+"""Sweep every architecture of transformers' causal-LM mapping through `kiln convert`, token for token.
+
+    .venv/bin/python benchmarks/family_sweep.py --json benchmarks/results/family-sweep.json
+    .venv/bin/python benchmarks/family_sweep.py --only mistral,falcon
+
+For each model_type: a tiny random config (the shared tiny sizes below, set where the config takes them),
+then (1) can transformers itself build it and greedy-generate from it; (2) `kiln convert` of its
+`save_pretrained` folder for the CPU, verified; (3) the engine's greedy tokens against transformers'
+`generate` at batch 1 and on a left-padded batch of 3 prompts of different lengths. Architectures
+transformers cannot run from a tiny config are reported and left out of the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Sizes every tiny config gets where it has the field (MoE fields too); a few families need more below.
+TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, n_positions=256, n_ctx=256,
+    num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, ffn_dim=128, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, tie_word_embeddings=False,
+)
+PROMPTS = [[5, 17, 30, 42, 11], [7, 8], [9, 10, 11]]
+NEW_TOKENS = 8
+
+
+def tiny_config(model_type: str):
+    from transformers import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    # A derived size is a read-only property on some configs (Falcon's head_dim): leave those to the config.
+    settable = {k: v for k, v in TINY.items() if not isinstance(getattr(config_class, k, None), property)}
+    return config_class(**settable)
+
+
+def transformers_tokens(model, prompts) -> list[list[int]]:
+    """transformers' own greedy tokens, left-padded like kiln's `generate`."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, width:].tolist()
+
+
+def sweep_one(model_type: str, workdir: Path) -> dict:
+    import torch
+    import transformers
+
+    import kiln
+    from kiln.errors import exit_code_of
+
+    record: dict = {"model_type": model_type}
+    try:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+        model.generation_config.eos_token_id = None
+        want = [transformers_tokens(model, PROMPTS[:1]), transformers_tokens(model, PROMPTS)]
+    except Exception as e:  # transformers' own failure: not counted
+        record.update(status="transformers cannot run it", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return record
+    folder = workdir / model_type
+    model.save_pretrained(folder)
+    start = time.perf_counter()
+    try:
+        result = kiln.convert(str(folder), output=workdir / f"{model_type}-engine", force=True)
+    except Exception as e:
+        code = exit_code_of(e)
+        record.update(status="refused" if code == 2 else "failed" if code == 3 else "internal error", exit_code=code,
+                      reason=str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+        if code == 1:
+            record["traceback"] = traceback.format_exc()[-1500:]
+        return record
+    record["convert_seconds"] = round(time.perf_counter() - start, 1)
+    record["relative_error"] = result.manifest["verification"]["logits"]["relative"]
+    with kiln.load(result.engine_dir) as engine:
+        got = [engine.generate(PROMPTS[:1], NEW_TOKENS).tolist(), engine.generate(PROMPTS, NEW_TOKENS).tolist()]
+    record["batch1_identical"] = got[0] == want[0]
+    record["padded_batch_identical"] = got[1] == want[1]
+    record["status"] = "identical" if got == want else "different tokens"
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated model types (default: the whole causal-LM mapping)")
+    parser.add_argument("--json", type=Path, help="write every record here")
+    args = parser.parse_args()
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    types = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="kiln-sweep-") as tmp:
+        for model_type in types:
+            record = sweep_one(model_type, Path(tmp))
+            records.append(record)
+            print(f"{model_type:<28} {record['status']:<26} {record.get('reason', '')[:110]}", flush=True)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(records, indent=1))
+    runnable = [r for r in records if r["status"] != "transformers cannot run it"]
+    identical = [r for r in runnable if r["status"] == "identical"]
+    print(f"\n{len(identical)} of {len(runnable)} architectures transformers runs from a tiny config convert and "
+          f"generate identical tokens ({len(records) - len(runnable)} it cannot run are left out)")
+
+
+if __name__ == "__main__":
+    main()
