@@ -69,6 +69,23 @@ FAMILIES = {
                 "which is wrong for left-padded batches"
             ),
         ),
+        # No plugin facts yet: these families convert through the ONNX and AOTInductor targets as exported.
+        Family("mistral", "mistral", notes="sliding window (masked; every cache keeps the full past)"),
+        Family("qwen2", "qwen2", notes="biased q/k/v projections"),
+        Family("qwen3", "qwen3", notes="QK-norm"),
+        Family("phi3", "phi3", notes="fused qkv and gate-up projections"),
+        Family("gemma2", "gemma2", notes="attention and final logit soft-capping; sliding and global layers"),
+        Family("gemma3", "gemma3_text", notes="QK-norm; sliding and global layers with two rotary bases"),
+        Family("opt", "opt", positions="learned", attention_registry=True, notes="learned positions offset by 2"),
+        Family("gpt-neox", "gpt_neox", notes="partial rotary, parallel residual"),
+        Family("falcon", "falcon", notes="multi-query attention (one KV head); parallel attention and MLP"),
+        Family("gpt-bigcode", "gpt_bigcode", positions="learned", max_positions="n_positions",
+               notes="multi-query attention (one KV head)"),
+        Family("starcoder2", "starcoder2", notes="sliding window, biases"),
+        Family("mixtral", "mixtral", notes="mixture of experts, exported as batched expert matmuls"),
+        Family("qwen3-moe", "qwen3_moe", notes="mixture of experts, exported as batched expert matmuls; QK-norm"),
+        Family("gpt-oss", "gpt_oss", notes="mixture of experts; attention sinks; sliding and global layers"),
+        Family("olmo2", "olmo2", notes="QK-norm; norms after attention and MLP"),
     )
 }
 

@@ -18,6 +18,12 @@ class Preset:
 
 
 _TINY = dict(vocab_size=1024, bos_token_id=1, eos_token_id=2)
+# The usual decoder sizes under transformers' standard names: 2 layers, hidden 64, 4 query / 2 KV heads of 16.
+_DECODER = dict(_TINY, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, max_position_embeddings=256)
+# Windows short enough that the tests' prompts and 8 new tokens cross them.
+_WINDOW = 8
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 
 PRESETS = {
     "tiny-gpt2": Preset(
@@ -38,6 +44,32 @@ PRESETS = {
              intermediate_size=128, max_position_embeddings=256),
         "LLaMA (rotary, RMSNorm, GQA 4 query / 2 KV heads), 2 layers, hidden 64",
     ),
+    # The families of the CI matrix: each converts and generates the tokens transformers does.
+    "tiny-mistral": Preset("mistral", dict(_DECODER, sliding_window=_WINDOW), "Mistral, sliding window 8"),
+    "tiny-qwen2": Preset("qwen2", dict(_DECODER), "Qwen2 (biased q/k/v projections)"),
+    "tiny-qwen3": Preset("qwen3", dict(_DECODER, head_dim=16), "Qwen3 (QK-norm)"),
+    "tiny-phi3": Preset("phi3", dict(_DECODER, pad_token_id=0), "Phi-3 (fused qkv and gate-up projections)"),
+    "tiny-gemma2": Preset(
+        "gemma2", dict(_DECODER, head_dim=16, sliding_window=_WINDOW, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0),
+        "Gemma 2 (soft-capping, sliding and global layers)",
+    ),
+    "tiny-gemma3": Preset(
+        "gemma3_text", dict(_DECODER, head_dim=16, sliding_window=_WINDOW, layer_types=["sliding_attention", "full_attention"]),
+        "Gemma 3 text (QK-norm, sliding and global layers, two rotary bases)",
+    ),
+    "tiny-opt": Preset("opt", dict(_DECODER, ffn_dim=128, word_embed_proj_dim=64), "OPT (learned positions, offset 2)"),
+    "tiny-gptneox": Preset("gpt_neox", dict(_DECODER, rotary_pct=0.25), "GPT-NeoX (partial rotary, parallel residual)"),
+    "tiny-falcon": Preset("falcon", dict(_DECODER, multi_query=True, alibi=False), "Falcon (multi-query: one KV head)"),
+    "tiny-gptbigcode": Preset("gpt_bigcode", dict(_DECODER, multi_query=True), "GPT-BigCode (multi-query: one KV head)"),
+    "tiny-starcoder2": Preset("starcoder2", dict(_DECODER, sliding_window=_WINDOW), "StarCoder2 (sliding window, biases)"),
+    "tiny-mixtral": Preset("mixtral", dict(_DECODER, **_MOE, num_local_experts=4), "Mixtral (mixture of 4 experts, top 2)"),
+    "tiny-qwen3moe": Preset("qwen3_moe", dict(_DECODER, **_MOE, head_dim=16, num_experts=4), "Qwen3-MoE (4 experts, top 2)"),
+    "tiny-gptoss": Preset(
+        "gpt_oss", dict(_DECODER, **_MOE, head_dim=16, num_local_experts=4, sliding_window=_WINDOW),
+        "GPT-OSS (4 experts, attention sinks, sliding and global layers)",
+    ),
+    "tiny-olmo2": Preset("olmo2", dict(_DECODER), "OLMo 2 (QK-norm, norms after attention and MLP)"),
     "tiny-trained": Preset(
         "gpt2",
         dict(vocab_size=128, bos_token_id=1, eos_token_id=2, n_layer=2, n_head=4, n_embd=128, n_positions=128),

@@ -117,9 +117,12 @@ def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ModelSourceError(f"{config_path}: {_first_line(e)}") from None
+    auto_class = getattr(transformers, export_kind(kind, str(folder)).load().AUTO_CLASS)
+    if type(config) not in auto_class._model_mapping and not getattr(config, "auto_map", None):
+        raise ModelSourceError(f"{config_path}: model_type {config.model_type!r} is not a model transformers' "
+                               f"{auto_class.__name__} builds (not a {kind} model)")
     try:
         # transformers reads safetensors when present and torch.load(weights_only=True) otherwise.
-        auto_class = getattr(transformers, export_kind(kind, str(folder)).load().AUTO_CLASS)
         transformers.utils.logging.disable_progress_bar()  # convert shows its own progress
         module, info = auto_class.from_pretrained(
             folder, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,

@@ -32,19 +32,32 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def engine_dir(tmp_path_factory):
-    """`engine_dir(preset)` -> a verified cpu/fp32 engine of that preset, converted once per session."""
+def shared_dir(tmp_path_factory, worker_id) -> Path:
+    """A folder every pytest-xdist worker of this run shares (the run's own folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if worker_id != "master" else base
+
+
+def build_once(path: Path, build) -> Path:
+    """`build(staging)` fills a folder that is then renamed to `path`, once for all workers of the run."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            staging = path.with_name(path.name + ".staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            build(staging)
+            staging.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine_dir(shared_dir):
+    """`engine_dir(preset)` -> a verified cpu/fp32 engine of that preset, converted once per run."""
     import kiln
 
-    built: dict[str, Path] = {}
-    root = tmp_path_factory.mktemp("engines")
-
-    def build(preset: str) -> Path:
-        if preset not in built:
-            built[preset] = kiln.convert(preset, output=root / preset).engine_dir
-        return built[preset]
-
-    return build
+    return lambda preset: build_once(shared_dir / "engines" / preset, lambda out: kiln.convert(preset, output=out))
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ def _break_config(folder, edit):
         (lambda tmp, folder: (folder / "config.json").write_text("{not json") and str(folder), "invalid JSON at line 1"),
         (lambda tmp, folder: _break_config(folder, lambda c: c.pop("model_type")) or str(folder), "field 'model_type' is missing"),
         (lambda tmp, folder: _break_config(folder, lambda c: c.update(model_type="t5")) or str(folder),
-         "model_type 't5' is not a supported family"),
+         "model_type 't5' is not a model transformers' AutoModelForCausalLM builds (not a decoder-lm model)"),
         (lambda tmp, folder: _break_config(folder, lambda c: c.update(n_embd=96)) or str(folder),
          "cannot load the weights"),
         (lambda tmp, folder: _break_config(folder, lambda c: c.pop("n_layer")) or str(folder),

@@ -10,21 +10,19 @@ from runtimes import decoder_lm
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """`exported(preset)` -> (path of its plain ONNX export, LoadedModel), captured once per session."""
+def exported(shared_dir):
+    """`exported(preset)` -> (path of its plain ONNX export, LoadedModel), captured once per run."""
     from exporter import load_model
     from exporter.capture import capture
+    from tests.conftest import build_once
 
-    built: dict[str, tuple[Path, object]] = {}
-    root = tmp_path_factory.mktemp("exports")
+    loaded: dict[str, object] = {}
 
     def get(preset: str):
-        if preset not in built:
-            loaded = load_model(preset)
-            folder = root / preset
-            folder.mkdir()
-            built[preset] = (capture(loaded, folder)["model"].path, loaded)
-        return built[preset]
+        if preset not in loaded:
+            loaded[preset] = load_model(preset)
+        folder = build_once(shared_dir / "exports" / preset, lambda out: capture(loaded[preset], out))
+        return folder / "model.onnx", loaded[preset]
 
     return get
 
