@@ -44,10 +44,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $@
 
-# Two workers for the two cores: test files are spread over them, engines are built once per run.
+# Two workers for the two cores, each taking the next test as it finishes one; engines are built once per run.
 PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 demo: install
 	$(BIN)/kiln convert $(DEMO_PRESET) --target cpu --precision fp32 -o $(DEMO_OUT) --force

@@ -11,3 +11,10 @@ def tiny_gpt2():
 
 def not_a_model():
     return {"weights": [1, 2, 3]}
+
+
+def tiny_mamba():
+    """A state-space model: its cache is no key/value cache."""
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4)
+    return transformers.MambaForCausalLM(config)

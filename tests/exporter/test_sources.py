@@ -70,9 +70,12 @@ def _break_config(folder, edit):
         (lambda tmp, folder: [p.unlink() for p in folder.glob("*.safetensors")] and str(folder), "no weights"),
         (lambda tmp, folder: "tests.factories:not_a_model", "the factory returned dict"),
         (lambda tmp, folder: "no_such_package.mod:factory", "cannot import module 'no_such_package.mod'"),
+        (lambda tmp, folder: "tests.factories:tiny_mamba",
+         "MambaForCausalLM keeps a recurrent or state-space cache (LinearAttentionLayer)"),
     ],
     ids=["missing-dir", "unknown-preset", "no-config", "broken-json", "no-model-type", "unknown-family",
-         "weights-mismatch", "missing-config-field", "no-weights", "factory-not-a-model", "factory-missing-module"],
+         "weights-mismatch", "missing-config-field", "no-weights", "factory-not-a-model", "factory-missing-module",
+         "state-space-cache"],
 )
 def test_bad_sources_name_the_problem(make_spec, message, saved_folder, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")

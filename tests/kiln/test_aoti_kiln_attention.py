@@ -8,12 +8,13 @@ import pytest
 
 import kiln
 from kiln.errors import KilnError
+from tests.conftest import build_once
 
 
 @pytest.fixture(scope="module")
-def plugin_engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aoti-kiln") / "e"
-    return kiln.convert("tiny-llama", target="aoti-cpu", output=out, passes=["kiln_attention"]).engine_dir
+def plugin_engine(shared_dir):
+    return build_once(shared_dir / "aoti-kiln" / "tiny-llama",
+                      lambda out: kiln.convert("tiny-llama", target="aoti-cpu", output=out, passes=["kiln_attention"]))
 
 
 def test_every_layer_calls_the_plugin_and_the_package_verifies(plugin_engine):

@@ -129,3 +129,15 @@ def test_a_plugin_build_failure_is_a_user_error_naming_the_compiler(tmp_path, mo
     with pytest.raises(PluginBuildError, match="no-such-c\\+\\+ not found on PATH") as info:
         build("cpu", build_dir=tmp_path)
     assert exit_code_of(info.value) == EXIT_USER
+
+
+def test_families_lists_the_tested_matrix():
+    from exporter.families import FAMILIES
+    from exporter.presets import PRESETS
+
+    document = json.loads(CliRunner().invoke(cli, ["families", "--json"]).stdout)
+    assert set(document) == {f.name for f in FAMILIES.values() if f.tested}
+    assert {"mistral", "falcon", "mixtral", "gemma2"} <= set(document)
+    tiny = {p.model_type for name, p in PRESETS.items() if name.startswith("tiny-")}
+    assert {record["model_type"] for record in document.values()} <= tiny  # each has the preset the matrix runs
+    assert "multi-query" in document["falcon"]["notes"]

@@ -6,11 +6,12 @@ import pytest
 import kiln
 from kiln.errors import KilnError
 from kiln.targets import TARGETS, missing_on_host
+from tests.conftest import build_once
 
 
 @pytest.fixture(scope="module")
-def aoti_engine(tmp_path_factory):
-    return kiln.convert("tiny-gpt2", target="aoti-cpu", output=tmp_path_factory.mktemp("aoti") / "e").engine_dir
+def aoti_engine(shared_dir):
+    return build_once(shared_dir / "aoti" / "tiny-gpt2", lambda out: kiln.convert("tiny-gpt2", target="aoti-cpu", output=out))
 
 
 def test_aoti_cpu_engine_verifies(aoti_engine):

@@ -8,21 +8,26 @@ import kiln
 from exporter import load_model
 from kiln.cli import cli
 from runtimes.decoder_lm import past_inputs
+from tests.conftest import build_once
 
 
 @pytest.fixture(scope="module")
-def engine_with_tokenizer(tmp_path_factory):
-    """A tiny-gpt2 folder saved with a word-level tokenizer built offline, converted once."""
+def engine_with_tokenizer(shared_dir):
+    """A tiny-gpt2 folder saved with a word-level tokenizer built offline, converted once per run."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    folder = tmp_path_factory.mktemp("with-tokenizer")
-    load_model("tiny-gpt2").module.save_pretrained(folder)
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = ["the kiln fires the clay", "a model goes in and an engine comes out", "hello world"]
-    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return kiln.convert(str(folder), output=tmp_path_factory.mktemp("engines") / "e").engine_dir, tokenizer
+    def build(engine):
+        folder = engine.with_name("with-tokenizer-source")
+        load_model("tiny-gpt2").module.save_pretrained(folder)
+        tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        corpus = ["the kiln fires the clay", "a model goes in and an engine comes out", "hello world"]
+        tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+        tokenizer.save(str(folder / "tokenizer.json"))
+        kiln.convert(str(folder), output=engine)
+
+    engine = build_once(shared_dir / "with-tokenizer" / "engine", build)
+    return engine, Tokenizer.from_file(str(engine / "tokenizer" / "tokenizer.json"))
 
 
 def test_engine_carries_the_tokenizer_and_takes_text(engine_with_tokenizer):
