@@ -97,13 +97,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated model types (default: the whole causal-LM mapping)")
     parser.add_argument("--json", type=Path, help="write every record here")
+    parser.add_argument("--shard", default="0/1", help="K/N: every N-th architecture from the K-th (run N at once)")
     args = parser.parse_args()
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    types = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    shard, shards = (int(n) for n in args.shard.split("/"))
+    types = (args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))[shard::shards]
     records = []
     with tempfile.TemporaryDirectory(prefix="kiln-sweep-") as tmp:
         for model_type in types:

@@ -20,10 +20,6 @@ class BuildRequest:
     external_data_threshold: int | None = None
 
 
-def _no_requirement(target) -> str | None:
-    return None
-
-
 def _file_bytes(path: Path) -> int:
     return Path(path).stat().st_size
 
@@ -39,7 +35,7 @@ class Backend:
     optional_passes: tuple[str, ...] = ()  # passes only this backend's engines can run; applied when asked
     # (captured graphs, work dir, loaded model, request) -> manifest fields, `graphs` included (the built files)
     build: Callable | None = None
-    missing_on_host: Callable[[object], str | None] = _no_requirement  # (target) -> why not here, or None
+    missing_on_host: Callable[[object], str | None] = lambda target: None  # (target) -> why not here, or None
     manifest_fields: Callable[[object], dict] = lambda target: {}  # (target) -> backend facts for the manifest
     bench_options: Callable[[int], dict] = lambda threads: {}  # (threads) -> load options for measuring
     weight_bytes: Callable[[Path], int] = _file_bytes  # (graph file) -> bytes a decode step reads
