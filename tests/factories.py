@@ -18,3 +18,11 @@ def tiny_mamba():
     torch.manual_seed(0)
     config = transformers.MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4)
     return transformers.MambaForCausalLM(config)
+
+
+def tiny_biogpt():
+    """A family without a record in `kiln families`: converts all the same, reported as untested."""
+    torch.manual_seed(0)
+    config = transformers.BioGptConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=64)
+    return transformers.BioGptForCausalLM(config)

@@ -141,3 +141,11 @@ def test_families_lists_the_tested_matrix():
     tiny = {p.model_type for name, p in PRESETS.items() if name.startswith("tiny-")}
     assert {record["model_type"] for record in document.values()} <= tiny  # each has the preset the matrix runs
     assert "multi-query" in document["falcon"]["notes"]
+
+
+def test_a_family_without_a_record_converts_and_says_it_is_untested(tmp_path):
+    result = CliRunner().invoke(cli, ["convert", "tests.factories:tiny_biogpt", "-o", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert "note: family 'biogpt' is not in the tested matrix" in result.stderr
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["source"]["family_tested"] is False and manifest["verification"]["passed"] is True
