@@ -97,3 +97,10 @@ def test_a_failed_gate_names_the_pass_that_made_the_error_grow(tmp_path, monkeyp
     assert [e["after"] for e in by_pass] == ["export", "cleanup", "fold_weight_transposes", "fusion", "int8_dynamic"]
     assert by_pass[-1]["max_abs"] > 100 * by_pass[-2]["max_abs"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pass_only_other_backends_run_is_refused_before_any_work(tmp_path):
+    with pytest.raises(KilnError, match="pass 'kiln_attention' makes nodes that only aoti, tensorrt engines run; "
+                                        "backend 'onnxruntime' has no kernel for them"):
+        kiln.convert("tiny-gpt2", passes=["cleanup", "kiln_attention"], output=tmp_path / "e")
+    assert list(tmp_path.iterdir()) == []
