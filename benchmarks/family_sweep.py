@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +33,10 @@ TINY = dict(
 )
 PROMPTS = [[5, 17, 30, 42, 11], [7, 8], [9, 10, 11]]
 NEW_TOKENS = 8
+# Each architecture runs in its own process, bounded: a tiny config of some families still builds huge
+# tables (one took 18 GB here), and one must not take the sweep or the machine down with it.
+MEMORY_LIMIT = 8 << 30
+SECONDS_LIMIT = 300
 
 
 def tiny_config(model_type: str):
@@ -93,28 +99,46 @@ def sweep_one(model_type: str, workdir: Path) -> dict:
     return record
 
 
+def _sweep_in_child(model_type: str) -> dict:
+    try:
+        done = subprocess.run([sys.executable, __file__, "--one", model_type], capture_output=True, text=True,
+                              timeout=SECONDS_LIMIT)
+    except subprocess.TimeoutExpired:
+        return {"model_type": model_type, "status": "timed out", "reason": f"over {SECONDS_LIMIT} s"}
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RECORD ")), None)
+    if line is None:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"model_type": model_type, "status": "crashed", "reason": f"exit {done.returncode}: {tail[:200]}"}
+    return json.loads(line[len("RECORD "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated model types (default: the whole causal-LM mapping)")
     parser.add_argument("--json", type=Path, help="write every record here")
     parser.add_argument("--shard", default="0/1", help="K/N: every N-th architecture from the K-th (run N at once)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: sweep this type, print its record
     args = parser.parse_args()
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if args.one:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+        with tempfile.TemporaryDirectory(prefix="kiln-sweep-") as tmp:
+            print("RECORD " + json.dumps(sweep_one(args.one, Path(tmp))))
+        return
     shard, shards = (int(n) for n in args.shard.split("/"))
     types = (args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))[shard::shards]
     records = []
-    with tempfile.TemporaryDirectory(prefix="kiln-sweep-") as tmp:
-        for model_type in types:
-            record = sweep_one(model_type, Path(tmp))
-            records.append(record)
-            print(f"{model_type:<28} {record['status']:<26} {record.get('reason', '')[:110]}", flush=True)
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(records, indent=1))
+    for model_type in types:
+        record = _sweep_in_child(model_type)
+        records.append(record)
+        print(f"{model_type:<28} {record['status']:<26} {record.get('reason', '')[:110]}", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(records, indent=1))
     runnable = [r for r in records if r["status"] != "transformers cannot run it"]
     identical = [r for r in runnable if r["status"] == "identical"]
     print(f"\n{len(identical)} of {len(runnable)} architectures transformers runs from a tiny config convert and "
