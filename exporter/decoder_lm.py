@@ -126,8 +126,9 @@ def model_facts(module, where: str) -> ModelFacts:
                                f"({type(cache).__name__}), not transformers' DynamicCache")
     kinds = sorted({type(layer).__name__ for layer in layers} - set(_KV_LAYERS))
     if kinds:
-        raise ModelSourceError(f"{where}: {type(module).__name__} keeps a recurrent or state-space cache "
-                               f"({', '.join(kinds)}), not keys and values the engine could carry between steps")
+        raise ModelSourceError(f"{where}: {type(module).__name__} keeps a cache that is not plain keys and values "
+                               f"({', '.join(kinds)}: recurrent, state-space or compressed), which the engine "
+                               "contract cannot carry between steps")
     shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in layers}
     if len(shapes) != 1:
         raise ModelSourceError(f"{where}: {type(module).__name__}'s layers keep caches of different shapes "

@@ -71,7 +71,7 @@ def _break_config(folder, edit):
         (lambda tmp, folder: "tests.factories:not_a_model", "the factory returned dict"),
         (lambda tmp, folder: "no_such_package.mod:factory", "cannot import module 'no_such_package.mod'"),
         (lambda tmp, folder: "tests.factories:tiny_mamba",
-         "MambaForCausalLM keeps a recurrent or state-space cache (LinearAttentionLayer)"),
+         "MambaForCausalLM keeps a cache that is not plain keys and values (LinearAttentionLayer: recurrent"),
     ],
     ids=["missing-dir", "unknown-preset", "no-config", "broken-json", "no-model-type", "unknown-family",
          "weights-mismatch", "missing-config-field", "no-weights", "factory-not-a-model", "factory-missing-module",
