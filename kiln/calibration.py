@@ -19,7 +19,6 @@ ROW_TOKENS = 64  # tokens per calibration prefill; shorter when the model has fe
 class Calibration:
     feeds: list[dict]  # one prefill per row, in the decoder-LM contract's names
     source: str  # what the report says: the file and its token count
-    tokens: int
 
 
 def read_calibration(path: Path, loaded) -> Calibration:
@@ -39,9 +38,9 @@ def read_calibration(path: Path, loaded) -> Calibration:
     rows = ids.reshape(1, -1) if ids.ndim == 1 else ids
     if rows.shape[1] > row:  # long rows are cut into prefills the model's positions can hold
         flat = rows.reshape(-1)
-        rows = flat[: len(flat) // row * row].reshape(-1, row) if len(flat) >= row else flat[None, :]
+        rows = flat[: len(flat) // row * row].reshape(-1, row)
     feeds = calibration_prefills(contract_signature(loaded.facts), rows)
-    return Calibration(feeds, f"{path.name}: {int(rows.size)} tokens in {len(feeds)} prefills", int(rows.size))
+    return Calibration(feeds, f"{path.name}: {int(rows.size)} tokens in {len(feeds)} prefills")
 
 
 def _npz_ids(path: Path) -> np.ndarray:

@@ -140,8 +140,7 @@ def _print_recipe(target: str, precision: str, as_json: bool) -> None:
     """The passes convert would run for (target, precision), one per line with what it does and its options."""
     from kiln.backends import backend_of
     from kiln.targets import target_named
-    from optimizers import describe_options
-    from optimizers import PASSES
+    from optimizers import PASSES, describe_options
 
     spec = target_named(target, precision)
     backend = backend_of(spec)
