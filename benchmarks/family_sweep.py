@@ -30,7 +30,18 @@ TINY = dict(
     num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
     shared_expert_intermediate_size=32, ffn_dim=128, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
     eos_token_id=2, tie_word_embeddings=False,
+    # Partial rotary, shared experts and expert groups, and the decoder half of encoder-decoder configs.
+    rotary_dim=8, n_shared_experts=1, n_group=1, topk_group=1, decoder_layers=2, decoder_attention_heads=4,
+    decoder_ffn_dim=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+    # Encoder families (BERT, RoBERTa, ...) run as causal LMs with a KV cache only as decoders.
+    is_decoder=True,
+    # Multi-head latent attention (DeepSeek and kin): the compressed KV and the rotary part of each head.
+    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32,
+    index_head_dim=16, index_n_heads=4,
 )
+# Tried in turn when transformers cannot run a family with TINY: latent-attention families rotate
+# `head_dim` = qk_rope_head_dim and need as many KV heads as query heads.
+RETRIES = [dict(num_key_value_heads=4, head_dim=8)]
 PROMPTS = [[5, 17, 30, 42, 11], [7, 8], [9, 10, 11]]
 NEW_TOKENS = 8
 # Each architecture runs in its own process, bounded: a tiny config of some families still builds huge
@@ -39,41 +50,68 @@ MEMORY_LIMIT = 8 << 30
 SECONDS_LIMIT = 300
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, retry: dict | None = None):
     from transformers import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[model_type]
     # A derived size is a read-only property on some configs (Falcon's head_dim): leave those to the config.
-    settable = {k: v for k, v in TINY.items() if not isinstance(getattr(config_class, k, None), property)}
+    sizes = {**TINY, **(retry or {})}
+    settable = {k: v for k, v in sizes.items() if not isinstance(getattr(config_class, k, None), property)}
     return config_class(**settable)
+
+
+def _randomize_zero_matrices(model) -> None:
+    """A matrix a family initializes to zeros (AFMoE's router) ties every top-k choice, and torch and ONNX
+    Runtime break ties differently; trained weights have no such ties, so give those matrices random values."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(0.0, 0.02)
+
+
+def runnable_model(model_type: str):
+    """A tiny model of this type and transformers' own greedy tokens, from the first config transformers runs."""
+    import torch
+    import transformers
+
+    failures = []
+    for retry in [None, *RETRIES]:
+        try:
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, retry)).eval()
+            _randomize_zero_matrices(model)
+            return model, [transformers_tokens(model, PROMPTS[:1]), transformers_tokens(model, PROMPTS)]
+        except Exception as e:  # transformers' own failure: try the next config, report the first failure
+            failures.append(e)
+    raise failures[0]
 
 
 def transformers_tokens(model, prompts) -> list[list[int]]:
     """transformers' own greedy tokens, left-padded like kiln's `generate`."""
     import torch
+    import transformers
 
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    # A config of its own, not the model's: some families' defaults add logits processors (BART's
+    # no_repeat_ngram_size, forced BOS/EOS) that make `generate` something other than plain greedy.
+    model.generation_config = transformers.GenerationConfig(
+        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = model.generate(input_ids=ids, attention_mask=mask)
     return out[:, width:].tolist()
 
 
 def sweep_one(model_type: str, workdir: Path) -> dict:
-    import torch
-    import transformers
-
     import kiln
     from kiln.errors import exit_code_of
 
     record: dict = {"model_type": model_type}
     try:
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
-        model.generation_config.eos_token_id = None
-        want = [transformers_tokens(model, PROMPTS[:1]), transformers_tokens(model, PROMPTS)]
+        model, want = runnable_model(model_type)
     except Exception as e:  # transformers' own failure: not counted
         record.update(status="transformers cannot run it", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return record

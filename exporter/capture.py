@@ -70,6 +70,7 @@ def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = E
                 )
         except Exception as e:  # the exporter raises many types; all mean "this model cannot be captured"
             raise ExportError(export_failure(e)) from e
+        _refuse_fixed_dims(program.model, signature, loaded)
         _name_output_dims(program.model, signature)
         weight_bytes = sum(p.numel() * p.element_size() for p in graph.module.parameters())
         external = weight_bytes > external_data_threshold
@@ -78,6 +79,19 @@ def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = E
         files = [path] + ([path.with_name(path.name + ".data")] if external else [])
         captured[role] = CapturedGraph(path, files, external, program.model.opset_imports.get("", 0), signature)
     return captured
+
+
+def _refuse_fixed_dims(model, signature: Signature, loaded: LoadedModel) -> None:
+    """A dim the contract leaves free that the capture fixed (the model's forward specialized on the example's size)
+    would make an engine that refuses every other length: say so now, not at the first feed that differs."""
+    captured = {value.name: value.shape for value in model.graph.inputs}
+    for spec in signature.inputs:
+        for axis, (dim, got) in enumerate(zip(spec.shape, captured[spec.name])):
+            if isinstance(dim, str) and isinstance(got, int):
+                raise ExportError(
+                    f"{type(loaded.module).__name__} cannot be captured with a free {dim}: its forward fixes "
+                    f"{spec.name!r} axis {axis} to the example's {got}, so the engine would take no other {dim}"
+                )
 
 
 def _name_output_dims(model, signature: Signature) -> None:

@@ -23,6 +23,8 @@ _DECODER = dict(_TINY, num_hidden_layers=2, hidden_size=64, num_attention_heads=
                 intermediate_size=128, max_position_embeddings=256)
 # Windows short enough that the tests' prompts and 8 new tokens cross them.
 _WINDOW = 8
+# The trained presets' corpus has 64 numbers; positions cover its 48-token sequences.
+_TRAINED = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 
 PRESETS = {
@@ -74,6 +76,20 @@ PRESETS = {
         "gpt2",
         dict(vocab_size=128, bos_token_id=1, eos_token_id=2, n_layer=2, n_head=4, n_embd=128, n_positions=128),
         "GPT-2, 2 layers, hidden 128, trained on arithmetic sequences: confident logits for fidelity checks",
+        trained=True,
+    ),
+    "tiny-trained-llama": Preset(
+        "llama",
+        dict(_TRAINED, num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=256),
+        "LLaMA-shaped (rotary, RMSNorm, GQA), 2 layers, hidden 128, trained like tiny-trained",
+        trained=True,
+    ),
+    "tiny-trained-moe": Preset(
+        "mixtral",
+        dict(_TRAINED, num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
+        "Mixtral-shaped (4 experts, top 2), 2 layers, hidden 128, trained like tiny-trained",
         trained=True,
     ),
     "gpt2": Preset(

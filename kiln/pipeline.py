@@ -165,8 +165,7 @@ def convert(
             if pass_reports and backend.open_graph is not None:
                 report["error_by_pass"] = _error_by_pass(loaded, workdir / "blame", backend, request,
                                                          [r.name for r in pass_reports], engine.signature)
-                worst = max(report["error_by_pass"], key=lambda e: e["growth"])
-                message += f"; the error grew most in pass {worst['after']!r} (x{worst['growth']:.3g})"
+                message += "; " + _blame(report["error_by_pass"])
             raise VerificationFailed(message, report)
         write_json(workdir / "report.json", {"verification": report})
         manifest = write_manifest(workdir, dict(fields, steps=steps, verification=report))
@@ -253,6 +252,15 @@ def _error_by_pass(loaded, scratch: Path, backend, request: BuildRequest, passes
         after["growth"] = after["max_abs"] / max(before["max_abs"], 1e-12)
     figures[0]["growth"] = 1.0
     return figures
+
+
+def _blame(figures: list[dict]) -> str:
+    """Which step made the error: the export itself when most of it is there before any pass."""
+    exported, final = figures[0]["max_abs"], figures[-1]["max_abs"]
+    if exported >= 0.5 * final:
+        return f"the exported graph already differs (max abs error {exported:.3g}), before any pass"
+    worst = max(figures[1:], key=lambda e: e["growth"])
+    return f"the error grew most in pass {worst['after']!r} (x{worst['growth']:.3g})"
 
 
 def _logits_error(engine, reference, loaded, precision: str) -> dict:

@@ -26,3 +26,11 @@ def tiny_biogpt():
     config = transformers.BioGptConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                        intermediate_size=64, max_position_embeddings=64)
     return transformers.BioGptForCausalLM(config)
+
+
+def tiny_cpmant():
+    """A forward that prepends its own prompt tokens: torch.export fixes the sequence length to the example's."""
+    torch.manual_seed(0)
+    config = transformers.CpmAntConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       dim_head=16, dim_ff=64, prompt_length=4)
+    return transformers.CpmAntForCausalLM(config)

@@ -99,6 +99,24 @@ def test_a_failed_gate_names_the_pass_that_made_the_error_grow(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_error_already_in_the_export_is_not_blamed_on_a_pass():
+    from kiln.pipeline import _blame
+
+    exported_wrong = [{"after": "export", "max_abs": 0.16, "growth": 1.0}, {"after": "fusion", "max_abs": 0.16, "growth": 1.0}]
+    assert _blame(exported_wrong) == "the exported graph already differs (max abs error 0.16), before any pass"
+    pass_wrong = [{"after": "export", "max_abs": 1e-6, "growth": 1.0}, {"after": "int4", "max_abs": 0.2, "growth": 2e5}]
+    assert _blame(pass_wrong) == "the error grew most in pass 'int4' (x2e+05)"
+
+
+def test_a_capture_that_fixes_a_free_dim_is_refused_naming_it(tmp_path):
+    from exporter.errors import ExportError
+
+    with pytest.raises(ExportError, match="CpmAntForCausalLM cannot be captured with a free sequence: its forward "
+                                          "fixes 'input_ids' axis 1 to the example's"):
+        kiln.convert("tests.factories:tiny_cpmant", output=tmp_path / "e")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_pass_only_other_backends_run_is_refused_before_any_work(tmp_path):
     with pytest.raises(KilnError, match="pass 'kiln_attention' makes nodes that only aoti, tensorrt engines run; "
                                         "backend 'onnxruntime' has no kernel for them"):
