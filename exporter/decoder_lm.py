@@ -46,8 +46,9 @@ def example_inputs(facts: ModelFacts, batch: int = 2, sequence: int = 3, past: i
     input_ids = torch.randint(0, facts.vocab_size, (batch, sequence), generator=generator)
     attention_mask = torch.ones(batch, past + sequence, dtype=torch.int64)
     position_ids = torch.arange(past, past + sequence).expand(batch, sequence).contiguous()
-    caches = [torch.randn((batch, facts.kv_heads, past, width), generator=generator)
-              for _ in range(facts.layers) for width in (facts.head_dim, facts.value_dim)]
+    caches = [torch.randn((batch, kv_heads, past, width), generator=generator)
+              for kv_heads, key_dim, value_dim in map(facts.cache_dims, range(facts.layers))
+              for width in (key_dim, value_dim)]
     return [input_ids, attention_mask, position_ids, *caches]
 
 
@@ -129,16 +130,15 @@ def model_facts(module, where: str) -> ModelFacts:
         raise ModelSourceError(f"{where}: {type(module).__name__} keeps a cache that is not plain keys and values "
                                f"({', '.join(kinds)}: recurrent, state-space or compressed), which the engine "
                                "contract cannot carry between steps")
-    shapes = {(tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])) for layer in layers}
-    if len(shapes) != 1:
-        raise ModelSourceError(f"{where}: {type(module).__name__}'s layers keep caches of different shapes "
-                               f"({sorted(shapes)}); the contract has one shape for every layer")
-    ((kv_heads, key_dim), (_, value_dim)), = shapes
+    # (kv_heads, key dim, value dim) per layer; keys and values share the head count.
+    dims = tuple((layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in layers)
+    kv_heads, key_dim, value_dim = dims[0]
     heads = getattr(config, "num_attention_heads", None) or kv_heads
     return ModelFacts(
         layers=len(layers), heads=heads, kv_heads=kv_heads, head_dim=key_dim,
         hidden_size=getattr(config, "hidden_size", 0), vocab_size=out.logits.shape[-1],
         value_head_dim=value_dim if value_dim != key_dim else None,
+        layer_caches=dims if len(set(dims)) > 1 else (),
     )
 
 

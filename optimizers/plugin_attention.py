@@ -279,7 +279,9 @@ def parity_feeds(model: ir.Model, facts, padding=(2, 0), new: int = 3, past: int
     }
     for value in model.graph.inputs:
         if value.name.startswith("past_key_values."):
-            feeds[value.name] = rng.standard_normal((batch, facts.kv_heads, past, facts.head_dim)).astype(np.float32)
+            kv_heads, key_dim, value_dim = facts.cache_dims(int(value.name.split(".")[-2]))
+            width = value_dim if value.name.endswith(".value") else key_dim
+            feeds[value.name] = rng.standard_normal((batch, kv_heads, past, width)).astype(np.float32)
     return {v.name: feeds[v.name] for v in model.graph.inputs}
 
 

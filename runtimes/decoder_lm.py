@@ -41,10 +41,17 @@ class ModelFacts:
     hidden_size: int
     vocab_size: int
     value_head_dim: int | None = None  # None: the keys' head_dim
+    # (kv_heads, key dim, value dim) of each layer, where layers differ (Gemma 4's global layers have wider
+    # heads than its sliding ones); empty when every layer has the sizes above.
+    layer_caches: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def value_dim(self) -> int:
         return self.value_head_dim or self.head_dim
+
+    def cache_dims(self, layer: int) -> tuple[int, int, int]:
+        """(kv_heads, key dim, value dim) of `layer`'s cache."""
+        return self.layer_caches[layer] if self.layer_caches else (self.kv_heads, self.head_dim, self.value_dim)
 
 
 def io_names(layers: int) -> tuple[list[str], list[str]]:
@@ -62,8 +69,9 @@ def contract_signature(facts: ModelFacts, dtype: str = "float32") -> Signature:
               "position_ids": ("batch", "sequence")}
 
     def cache(name: str, length: str) -> TensorSpec:
-        width = facts.value_dim if name.endswith(".value") else facts.head_dim
-        return TensorSpec(name, dtype, ("batch", facts.kv_heads, length, width))
+        layer, kind = name.split(".")[-2:]
+        kv_heads, key_dim, value_dim = facts.cache_dims(int(layer))
+        return TensorSpec(name, dtype, ("batch", kv_heads, length, value_dim if kind == "value" else key_dim))
 
     return Signature(
         tuple(TensorSpec(n, "int64", tokens[n]) if n in tokens else cache(n, "past_sequence") for n in inputs),

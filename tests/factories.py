@@ -34,3 +34,15 @@ def tiny_cpmant():
     config = transformers.CpmAntConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                        dim_head=16, dim_ff=64, prompt_length=4)
     return transformers.CpmAntForCausalLM(config)
+
+
+def tiny_gemma4():
+    """Layers with caches of different widths: the global layer's heads are twice the sliding layer's."""
+    torch.manual_seed(0)
+    config = transformers.Gemma4TextConfig(
+        vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, hidden_size_per_layer_input=16,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        layer_types=["sliding_attention", "full_attention"], per_layer_config={"01": {"head_dim": 32}},
+        sliding_window=8, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config)

@@ -7,6 +7,7 @@ import pytest
 import kiln
 from kiln.errors import KilnError, VerificationFailed
 from kiln.verify import logits_fidelity
+from runtimes.signature import Signature
 from tests.conftest import TINY_PRESETS
 
 
@@ -115,6 +116,14 @@ def test_a_capture_that_fixes_a_free_dim_is_refused_naming_it(tmp_path):
                                           "fixes 'input_ids' axis 1 to the example's"):
         kiln.convert("tests.factories:tiny_cpmant", output=tmp_path / "e")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layers_with_caches_of_different_widths_convert(tmp_path):
+    result = kiln.convert("tests.factories:tiny_gemma4", output=tmp_path / "e")
+    signature = Signature.from_json(result.manifest["graphs"]["model"]["signature"])
+    widths = [signature.input(f"past_key_values.{layer}.key").shape[3] for layer in (0, 1)]
+    assert widths == [16, 32]
+    assert result.manifest["verification"]["passed"]
 
 
 def test_a_pass_only_other_backends_run_is_refused_before_any_work(tmp_path):
