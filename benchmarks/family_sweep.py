@@ -129,6 +129,10 @@ def sweep_one(model_type: str, workdir: Path) -> dict:
         return record
     record["convert_seconds"] = round(time.perf_counter() - start, 1)
     record["relative_error"] = result.manifest["verification"]["logits"]["relative"]
+    fusion = next((p for p in result.manifest["passes"] if p["name"] == "fusion"), None)
+    if fusion:
+        record["fused"] = fusion["fused"]
+        record["attention_fused"] = fusion["details"]["attention_fused"]
     with kiln.load(result.engine_dir) as engine:
         got = [engine.generate(PROMPTS[:1], NEW_TOKENS).tolist(), engine.generate(PROMPTS, NEW_TOKENS).tolist()]
     record["batch1_identical"] = got[0] == want[0]

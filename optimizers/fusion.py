@@ -163,13 +163,64 @@ def fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
         if len(n.inputs) > _PAST_INPUT[n.op_type] and n.inputs[_PAST_INPUT[n.op_type]] is not None
     )
     layers = context.facts.layers if context.facts else None
+    unfused = unfused_attention(model)
     return model, {
         "rules": {**{k: v for k, v in own.items() if v}, **{k: v for k, v in counts.items() if v}},
         "attention_nodes": len(attention),
         "attention_with_cache": with_cache,
         "attention_fused": bool(layers) and len(attention) == layers,
-        "attention_note": context.family.fusion_note if context.family else "",
+        "attention_unfused": unfused,
+        "attention_note": (context.family.fusion_note if context.family else "") or "; ".join(unfused),
     }
+
+
+# What an op on the way from QK^T to the softmax means, where it is why no fused attention op fits.
+_SCORE_OP_REASONS = {
+    "Tanh": "soft-capping (tanh on the scores): MultiHeadAttention has no softcap (GroupQueryAttention's "
+            "softcap attribute has; no rule forms it yet)",
+    "Concat": "attention sinks (a logit column joined to the scores): MultiHeadAttention takes none "
+              "(GroupQueryAttention's head_sink input does; no rule forms it yet)",
+}
+
+
+def unfused_attention(model: ir.Model) -> dict[str, int]:
+    """Why each attention left unfused was left: its softmax, traced back to the scores' MatMul (QK^T), and
+    the ops between them that no fused op expresses. Reason -> how many softmaxes it accounts for."""
+    reasons: dict[str, int] = {}
+    for node in model.graph.all_nodes():
+        if node.op_type != "Softmax":
+            continue
+        path = _score_path(node)
+        if path is None:
+            continue  # no QK^T behind it: a router's softmax
+        known = [_SCORE_OP_REASONS[op] for op in dict.fromkeys(path) if op in _SCORE_OP_REASONS]
+        reason = "; ".join(known) or (f"the scores pass {' -> '.join(path) or 'straight'} to the softmax, "
+                                      "a form onnxscript's attention rules do not match")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
+# Ops found between attention scores and their softmax (scale, mask, soft-capping, sinks, dtype casts);
+# the trace stops at any other, so a router's softmax (behind a Gemm or TopK) finds no QK^T.
+_SCORE_OPS = {"Mul", "Div", "Add", "Sub", "Tanh", "Where", "Cast", "Concat", "Slice", "Max", "Min", "Neg",
+              "Expand", "Unsqueeze", "Reshape", "Identity", "ReduceMax"}
+
+
+def _score_path(softmax: ir.Node, depth: int = 12) -> list[str] | None:
+    """Op types from the nearest (Fused)MatMul of two computed inputs (QK^T) up to `softmax`, or None."""
+    frontier = [(softmax.inputs[0], [])]
+    for _ in range(depth):
+        following = []
+        for value, path in frontier:
+            node = value.producer() if value is not None else None
+            if node is None:
+                continue
+            if node.op_type in ("MatMul", "FusedMatMul") and all(i is not None and i.const_value is None for i in node.inputs):
+                return path[::-1]
+            if node.op_type in _SCORE_OPS:
+                following += [(i, [*path, node.op_type]) for i in node.inputs if i is not None and i.const_value is None]
+        frontier = following
+    return None
 
 
 FUSION = Pass(

@@ -43,6 +43,23 @@ def test_fusion_per_family(preset, exported, tmp_path):
         assert output_error([s[name] for s in got], [s[name] for s in want])["relative"] < 1e-5, name
 
 
+@pytest.mark.parametrize("preset, reason", [
+    ("tiny-gemma2", "soft-capping (tanh on the scores)"),
+    ("tiny-gptoss", "attention sinks (a logit column joined to the scores)"),
+    ("tiny-gpt2", None),
+])
+def test_the_fusion_report_says_why_attention_stayed_unfused(preset, reason, exported):
+    path, loaded = exported(preset)
+    _, reports = run_recipe(path, PassContext(facts=loaded.facts, family=loaded.family), passes=["cleanup", "fusion"])
+    unfused = reports[-1].details["attention_unfused"]
+    if reason is None:
+        assert unfused == {} and reports[-1].details["attention_fused"]
+    else:
+        # One softmax per layer, each traced to its QK^T; the MoE routers' softmaxes are not counted.
+        assert [(r.split(":")[0], n) for r, n in unfused.items()] == [(reason, loaded.facts.layers)]
+        assert reports[-1].details["attention_note"].startswith(reason)
+
+
 def left_padded_decode(predictor, steps: int = 3) -> np.ndarray:
     """Last-position logits of a left-padded batch of two prompts over a prefill and greedy decode steps."""
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]])
