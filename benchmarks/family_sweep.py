@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/family_sweep.py --json benchmarks/results/family-sweep.json
     .venv/bin/python benchmarks/family_sweep.py --only mistral,falcon
+    .venv/bin/python benchmarks/family_sweep.py --target aoti-cpu --only llama,mixtral
 
 For each model_type: a tiny random config (the shared tiny sizes below, set where the config takes them),
 then (1) can transformers itself build it and greedy-generate from it; (2) `kiln convert` of its
-`save_pretrained` folder for the CPU, verified; (3) the engine's greedy tokens against transformers'
+`save_pretrained` folder for `--target` (the CPU by default), verified; (3) the engine's greedy tokens against transformers'
 `generate` at batch 1 and on a left-padded batch of 3 prompts of different lengths. Architectures
 transformers cannot run from a tiny config are reported and left out of the ratio.
 """
@@ -105,7 +106,7 @@ def transformers_tokens(model, prompts) -> list[list[int]]:
     return out[:, width:].tolist()
 
 
-def sweep_one(model_type: str, workdir: Path) -> dict:
+def sweep_one(model_type: str, workdir: Path, target: str = "cpu") -> dict:
     import kiln
     from kiln.errors import exit_code_of
 
@@ -119,7 +120,7 @@ def sweep_one(model_type: str, workdir: Path) -> dict:
     model.save_pretrained(folder)
     start = time.perf_counter()
     try:
-        result = kiln.convert(str(folder), output=workdir / f"{model_type}-engine", force=True)
+        result = kiln.convert(str(folder), target=target, output=workdir / f"{model_type}-engine", force=True)
     except Exception as e:
         code = exit_code_of(e)
         record.update(status="refused" if code == 2 else "failed" if code == 3 else "internal error", exit_code=code,
@@ -141,9 +142,9 @@ def sweep_one(model_type: str, workdir: Path) -> dict:
     return record
 
 
-def _sweep_in_child(model_type: str) -> dict:
+def _sweep_in_child(model_type: str, target: str) -> dict:
     try:
-        done = subprocess.run([sys.executable, __file__, "--one", model_type], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, __file__, "--one", model_type, "--target", target], capture_output=True, text=True,
                               timeout=SECONDS_LIMIT)
     except subprocess.TimeoutExpired:
         return {"model_type": model_type, "status": "timed out", "reason": f"over {SECONDS_LIMIT} s"}
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated model types (default: the whole causal-LM mapping)")
     parser.add_argument("--json", type=Path, help="write every record here")
     parser.add_argument("--shard", default="0/1", help="K/N: every N-th architecture from the K-th (run N at once)")
+    parser.add_argument("--target", default="cpu", help="kiln target to convert for (default: cpu)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: sweep this type, print its record
     args = parser.parse_args()
     import transformers
@@ -169,13 +171,13 @@ def main() -> None:
     if args.one:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
         with tempfile.TemporaryDirectory(prefix="kiln-sweep-") as tmp:
-            print("RECORD " + json.dumps(sweep_one(args.one, Path(tmp))))
+            print("RECORD " + json.dumps(sweep_one(args.one, Path(tmp), args.target)))
         return
     shard, shards = (int(n) for n in args.shard.split("/"))
     types = (args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))[shard::shards]
     records = []
     for model_type in types:
-        record = _sweep_in_child(model_type)
+        record = _sweep_in_child(model_type, args.target)
         records.append(record)
         print(f"{model_type:<28} {record['status']:<26} {record.get('reason', '')[:110]}", flush=True)
         if args.json:

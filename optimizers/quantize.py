@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from optimizers.expert_weights import quantize_gathered_weights
 from optimizers.onnx_io import load_external_weights
 from optimizers.pass_types import OpTypes, Pass, PassContext, PassOption, add_initializer
 from runtimes.decoder_lm import calibration_prefills, contract_signature
@@ -39,7 +40,7 @@ def _quiet_quantizer():
 
 def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Weights of MatMul/Gemm to int8, activations quantized per call: MatMul -> DynamicQuantizeMatMul
-    (ORT fuses DynamicQuantizeLinear + MatMulInteger)."""
+    (ORT fuses DynamicQuantizeLinear + MatMulInteger); gathered expert weights to int8, weight-only."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     per_channel = context.option("int8_dynamic", "per_channel")
@@ -52,7 +53,7 @@ def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]
         )
         quantized = ir.load(str(out))
         load_external_weights(quantized)
-    return quantized, {"per_channel": per_channel}
+    return quantized, {"per_channel": per_channel, "expert_weights": quantize_gathered_weights(quantized, bits=8)}
 
 
 INT8_DYNAMIC = Pass(
@@ -88,7 +89,8 @@ def int8_static(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
         source = context.calibration_source or "given"
     else:
         source = f"random token ids, {_RANDOM_ROWS} prefills of {_RANDOM_TOKENS}"
-    return quantized, {"calibration_feeds": len(feeds), "calibration_source": source, "per_channel": per_channel}
+    return quantized, {"calibration_feeds": len(feeds), "calibration_source": source, "per_channel": per_channel,
+                       "expert_weights": quantize_gathered_weights(quantized, bits=8)}
 
 
 INT8_STATIC = Pass(
@@ -100,7 +102,8 @@ INT8_STATIC = Pass(
 
 
 def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
-    """Weight-only int4 blocks (`MatMulNBits`) for every MatMul with a constant 2-D weight, LM head included.
+    """Weight-only int4 blocks (`MatMulNBits`) for every MatMul with a constant 2-D weight, LM head included;
+    gathered expert weights in int4 blocks too (optimizers/expert_weights.py).
 
     Written weight by weight on the onnx_ir graph with the block quantizer onnxruntime's
     MatMulNBitsQuantizer calls, and the node that tool makes: the tool itself wants the whole model as one
@@ -138,7 +141,8 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
             del model.graph.initializers[weight.name]  # frees the fp32 weight
     model.opset_imports.setdefault("com.microsoft", 1)
     return model, {"block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric,
-                   "matmuls_left_in_fp32": skipped}
+                   "matmuls_left_in_fp32": skipped,
+                   "expert_weights": quantize_gathered_weights(model, bits=4, block_size=block_size)}
 
 
 INT4 = Pass(

@@ -94,8 +94,12 @@ def test_trained_llama_and_moe_pass_the_int8_and_int4_gates(preset, exported, tm
         assert reports[-1].quantized.get(op) == constant_weight_products(path, op_types), reports[-1].quantized
         if precision == "int4":
             assert len(reports[-1].details["matmuls_left_in_fp32"]) == constant_weight_products(path, ("Gemm",))
+        # Expert weights (gathered, not a MatMul's constant): up/gate and down of each MoE layer.
+        assert len(reports[-1].details["expert_weights"]) == (2 * loaded.facts.layers if "moe" in preset else 0)
+        size_ratio = reports[-1].bytes_after / reports[-1].bytes_before
         fidelity = logits_fidelity(engine_logits(out, loaded, ids), want)
-        print(f"{preset} {precision}: {fidelity}")
+        print(f"{preset} {precision}: size x{size_ratio:.3f} {fidelity}")
+        assert size_ratio < {"int8": 0.35, "int4": 0.25}[precision]
         assert fidelity["decisive_positions"] > 0.9 * fidelity["positions"]
         assert fidelity["top1_agreement"] >= TOLERANCES[precision].top1  # the gate `kiln convert` applies
         assert fidelity["kl_mean"] < 0.05  # measured 0.013 (llama int8): a bound on drift the top-1 would hide
@@ -171,3 +175,32 @@ def test_int4_quantizes_a_weight_shared_by_two_matmuls_once():
     x = rng.standard_normal((2, 64)).astype(np.float32)
     run = lambda proto: onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(run(ir.to_proto(quantized)), run(tool.model.model))
+
+
+@pytest.mark.parametrize("bits, error", [(8, 0.5 / 127), (4, 0.5 / 7)])
+def test_gathered_expert_weights_dequantize_to_within_half_a_step(bits, error):
+    """A GatherND of a [experts, out, in] weight, as batched_mm exports it: quantized, it gives back each
+    gathered expert's weights within half a quantization step of its row's (int8) or block's (int4) range."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from optimizers.expert_weights import quantize_gathered_weights
+
+    weights = np.random.default_rng(0).standard_normal((4, 8, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GatherND", ["w", "ids"], ["picked"])], "experts",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["s", 1])],
+        [helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["s", 8, 64])],
+        [onnx.numpy_helper.from_array(weights, "w")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    assert quantize_gathered_weights(model, bits, block_size=32) == ["w"]
+    assert "w" not in model.graph.initializers
+    ids = np.array([[3], [0], [3]], np.int64)
+    session = onnxruntime.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got, want = session.run(None, {"ids": ids})[0], weights[ids[:, 0]]
+    spans = np.abs(want).max(axis=2, keepdims=True) if bits == 8 else \
+        np.repeat(np.abs(want.reshape(3, 8, 2, 32)).max(axis=3), 32, axis=2)
+    assert np.all(np.abs(got - want) <= error * spans + 1e-6)
+    assert np.abs(got - want).max() > 0  # quantized, not passed through
