@@ -39,10 +39,14 @@ TINY = dict(
     # Multi-head latent attention (DeepSeek and kin): the compressed KV and the rotary part of each head.
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32,
     index_head_dim=16, index_n_heads=4,
+    # GPT-Neo's per-layer attention kinds must add up to its layer count.
+    attention_types=[[["global", "local"], 1]],
+    num_encoder_layers=2, num_decoder_layers=2,
 )
-# Tried in turn when transformers cannot run a family with TINY: latent-attention families rotate
-# `head_dim` = qk_rope_head_dim and need as many KV heads as query heads.
-RETRIES = [dict(num_key_value_heads=4, head_dim=8)]
+# Tried in turn when transformers cannot run a family with TINY (None: leave the field to the config):
+# latent-attention families rotate `head_dim` = qk_rope_head_dim and need as many KV heads as query heads;
+# ProphetNet refuses `num_hidden_layers`.
+RETRIES = [dict(num_key_value_heads=4, head_dim=8), dict(num_hidden_layers=None)]
 PROMPTS = [[5, 17, 30, 42, 11], [7, 8], [9, 10, 11]]
 NEW_TOKENS = 8
 # Each architecture runs in its own process, bounded: a tiny config of some families still builds huge
@@ -56,7 +60,7 @@ def tiny_config(model_type: str, retry: dict | None = None):
 
     config_class = CONFIG_MAPPING[model_type]
     # A derived size is a read-only property on some configs (Falcon's head_dim): leave those to the config.
-    sizes = {**TINY, **(retry or {})}
+    sizes = {k: v for k, v in {**TINY, **(retry or {})}.items() if v is not None}
     settable = {k: v for k, v in sizes.items() if not isinstance(getattr(config_class, k, None), property)}
     return config_class(**settable)
 

@@ -32,7 +32,7 @@ class DecoderWithCache(torch.nn.Module):
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
         )
-        presents = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
+        presents = [t for layer in self_attention_cache(out.cache).layers for t in (layer.keys, layer.values)]
         return (out.logits, *presents)
 
     def flat_forward(self, *tensors):
@@ -98,6 +98,13 @@ def exportable_experts(module):
         module.set_experts_implementation(original)
 
 
+def self_attention_cache(cache):
+    """The keys and values a decoder keeps: an encoder-decoder cache's self-attention half (BERT-like
+    decoders run alone write one, its cross-attention half empty), or the cache itself."""
+    inner = getattr(cache, "self_attention_cache", None)
+    return cache if inner is None else inner
+
+
 # Cache layers that hold plain keys and values, `[batch, kv_heads, length, head_dim]`, as the contract does.
 _KV_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
@@ -121,10 +128,17 @@ def model_facts(module, where: str) -> ModelFacts:
     if cache is None:
         raise ModelSourceError(f"{where}: {type(module).__name__} returns no KV cache, which the decoder engine "
                                "contract needs (each step feeds the last one's keys and values back)")
-    layers = getattr(cache, "layers", None)
-    if not layers:
+    cross = getattr(cache, "cross_attention_cache", None)
+    if cross is not None and cross.get_seq_length() > 0:
+        raise ModelSourceError(f"{where}: {type(module).__name__} attends to an encoder's output, which the "
+                               "decoder engine contract does not carry")
+    kept = self_attention_cache(cache)
+    layers = getattr(kept, "layers", None)
+    # A cache class of the model's own (MiniMax's keeps linear-attention state beside its layers) holds
+    # more than the layers the contract carries, and the model refuses a plain DynamicCache back.
+    if not layers or not type(kept).__module__.startswith("transformers.cache_utils"):
         raise ModelSourceError(f"{where}: {type(module).__name__} keeps its own cache class "
-                               f"({type(cache).__name__}), not transformers' DynamicCache")
+                               f"({type(kept).__name__}), not transformers' DynamicCache")
     kinds = sorted({type(layer).__name__ for layer in layers} - set(_KV_LAYERS))
     if kinds:
         raise ModelSourceError(f"{where}: {type(module).__name__} keeps a cache that is not plain keys and values "
