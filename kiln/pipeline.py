@@ -21,6 +21,7 @@ from kiln.backends import BuildRequest, backend_of, refuse_unhosted_passes
 from kiln.calibration import read_calibration
 from kiln.errors import KilnError, VerificationFailed
 from kiln.manifest import write_json, write_manifest
+from kiln.onnxscript_fixes import make_no_op_rules_exact
 from kiln.reference import reference_predictor
 from kiln.targets import missing_on_host, target_named
 from kiln.verify import VerificationInputs, compare
@@ -75,6 +76,7 @@ def convert(
     """
     from optimizers import parse_pass_options, passes_named
 
+    make_no_op_rules_exact()
     target_spec = target_named(target, precision)
     backend = backend_of(target_spec)
     if passes:
