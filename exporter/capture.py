@@ -108,7 +108,9 @@ def export_failure(error: Exception) -> str:
     innermost = error
     while innermost.__cause__ is not None:
         innermost = innermost.__cause__
-    reason = next((line.strip() for line in str(innermost).splitlines() if line.strip()), type(innermost).__name__)
+    lines = [line.strip() for line in str(innermost).splitlines() if line.strip()] or [type(innermost).__name__]
+    # A header line ("The following inconsistencies were found:") says nothing without the line under it.
+    reason = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     everything = "\n".join(str(e) for e in (error, innermost))
     op = re.search(r"(aten[.:]{1,2}\w+(?:\.\w+)?|torch\.ops\.[\w.]+)", everything)
     where = f" (failing op: {op.group(1)})" if op else ""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from exporter import ExportError, load_model
-from exporter.capture import capture
+from exporter.capture import capture, export_failure
 from exporter.decoder_lm import DecoderWithCache, example_inputs
 from runtimes.decoder_lm import io_names
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
@@ -71,3 +71,15 @@ def test_unexportable_model_names_the_reason(tmp_path, monkeypatch):
         capture(loaded, tmp_path)
     assert len(str(info.value).splitlines()) == 1
     print(info.value)
+
+
+def test_an_export_failure_with_a_header_line_keeps_the_line_under_it():
+    try:
+        try:
+            raise ValueError("The following inconsistencies were found:\nEq(s70 + Max(0, 1 - s36), 1) is inconsistent!\n")
+        except ValueError as inner:
+            raise RuntimeError("export failed") from inner
+    except RuntimeError as error:
+        message = export_failure(error)
+    assert message == ("the model cannot be exported to ONNX: ValueError: The following inconsistencies were found: "
+                       "Eq(s70 + Max(0, 1 - s36), 1) is inconsistent!")
