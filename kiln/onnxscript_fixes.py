@@ -9,12 +9,17 @@ from __future__ import annotations
 
 
 def make_no_op_rules_exact() -> None:
-    """Match the no-op rules' constants exactly (idempotent; the rule objects are shared by every caller)."""
-    from onnxscript.rewriter._pattern_ir import Constant
-    from onnxscript.rewriter.rules.common import _no_op
+    """Match the no-op rules' constants exactly (idempotent; the rule objects are shared by every caller).
 
-    for rule in _no_op.rules.rules:
-        for node in rule._target_pattern._nodes:
+    These are onnxscript internals: where a later release moves them this does nothing rather than break
+    every conversion, and tests/kiln/test_onnxscript_fixes.py fails to say the epsilon is lost again."""
+    try:
+        from onnxscript.rewriter._pattern_ir import Constant
+        from onnxscript.rewriter.rules.common import _no_op
+    except ImportError:
+        return
+    for rule in getattr(getattr(_no_op, "rules", None), "rules", []):
+        for node in getattr(getattr(rule, "_target_pattern", None), "_nodes", []):
             for value in node.inputs:
                 if isinstance(value, Constant):
                     value._abs_tol = value._rel_tol = 0.0
