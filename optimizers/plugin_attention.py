@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from optimizers.pass_types import Pass, PassContext, PassOption, add_initializer, initializer_bytes
 from plugins.onnx_node import DOMAIN, OP_TYPE, reference_evaluator
+from runtimes.decoder_lm import contract_signature, past_inputs
 
 _CACHE_OUTPUT = re.compile(r"present\.(\d+)\.(key|value)")
 _VIEW_OPS = ("Reshape", "Expand", "Unsqueeze", "Transpose")
@@ -277,11 +278,9 @@ def parity_feeds(model: ir.Model, facts, padding=(2, 0), new: int = 3, past: int
         "attention_mask": mask,
         "position_ids": np.maximum(mask.cumsum(axis=1) - 1, 0)[:, past:],
     }
-    for value in model.graph.inputs:
-        if value.name.startswith("past_key_values."):
-            kv_heads, key_dim, value_dim = facts.cache_dims(int(value.name.split(".")[-2]))
-            width = value_dim if value.name.endswith(".value") else key_dim
-            feeds[value.name] = rng.standard_normal((batch, kv_heads, past, width)).astype(np.float32)
+    for spec in past_inputs(contract_signature(facts)):
+        _, kv_heads, _, width = spec.shape
+        feeds[spec.name] = rng.standard_normal((batch, kv_heads, past, width)).astype(np.float32)
     return {v.name: feeds[v.name] for v in model.graph.inputs}
 
 
