@@ -21,7 +21,7 @@ from kiln.backends import BuildRequest, backend_of, refuse_unhosted_passes
 from kiln.calibration import read_calibration
 from kiln.errors import KilnError, VerificationFailed
 from kiln.manifest import write_json, write_manifest
-from kiln.onnxscript_fixes import make_no_op_rules_exact
+from kiln.onnxscript_fixes import add_complex_unsqueeze, make_no_op_rules_exact
 from kiln.reference import reference_predictor
 from kiln.targets import missing_on_host, target_named
 from kiln.verify import VerificationInputs, compare
@@ -77,6 +77,7 @@ def convert(
     from optimizers import parse_pass_options, passes_named
 
     make_no_op_rules_exact()
+    add_complex_unsqueeze()
     target_spec = target_named(target, precision)
     backend = backend_of(target_spec)
     if passes:
@@ -159,7 +160,7 @@ def convert(
             if verify:
                 with step("verify"):
                     reference = reference_predictor(loaded, {role: g.signature for role, g in engine.graphs.items()})
-                    report = compare(engine, reference, loaded.facts.vocab_size, precision, VerificationInputs())
+                    report = compare(engine, reference, loaded.facts.vocab_size, precision, verification_inputs(loaded))
             else:
                 report = {"skipped": True, "passed": None}
         if report.get("passed") is False:
@@ -256,6 +257,10 @@ def _error_by_pass(loaded, scratch: Path, backend, request: BuildRequest, passes
     return figures
 
 
+def verification_inputs(loaded) -> VerificationInputs:
+    return VerificationInputs().within(loaded.family.max_positions_of(loaded.config))
+
+
 def _blame(figures: list[dict]) -> str:
     """Which step made the error: the export itself when most of it is there before any pass."""
     exported, final = figures[0]["max_abs"], figures[-1]["max_abs"]
@@ -266,7 +271,7 @@ def _blame(figures: list[dict]) -> str:
 
 
 def _logits_error(engine, reference, loaded, precision: str) -> dict:
-    logits = compare(engine, reference, loaded.facts.vocab_size, precision, VerificationInputs())["logits"]
+    logits = compare(engine, reference, loaded.facts.vocab_size, precision, verification_inputs(loaded))["logits"]
     return {k: logits[k] for k in ("max_abs", "relative", "top1_agreement", "kl_mean")}
 
 

@@ -19,7 +19,7 @@ def test_every_family_converts_and_verifies(engine_dir, preset):
     logits = verification["logits"]
     assert logits["relative"] <= 1e-3
     assert logits["top1_agreement"] == 1.0 and logits["decisive_positions"] > 0
-    assert logits["positions"] == 2 * (6 + 3)  # batch 2: a prefill of 6 then 3 decode steps
+    assert logits["positions"] == 4 * (32 + 8)  # batch 4: a prefill of 32 then 8 decode steps
     assert set(verification["outputs"]) == {"logits"} | {f"present.{i}.{k}" for i in range(2) for k in ("key", "value")}
     assert manifest["source"]["spec"] == preset and manifest["target"] == "cpu" and manifest["precision"] == "fp32"
     assert [s["name"] for s in manifest["steps"]] == ["load", "export", "optimize", "verify"]
