@@ -57,13 +57,22 @@ SECONDS_LIMIT = 300
 
 
 def tiny_config(model_type: str, retry: dict | None = None):
-    from transformers import CONFIG_MAPPING
+    """The config class with the tiny sizes, and so its sub-configs (a multimodal model's text, vision
+    and audio towers, which a composite config builds from a dict of their fields)."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
 
     config_class = CONFIG_MAPPING[model_type]
-    # A derived size is a read-only property on some configs (Falcon's head_dim): leave those to the config.
     sizes = {k: v for k, v in {**TINY, **(retry or {})}.items() if v is not None}
-    settable = {k: v for k, v in sizes.items() if not isinstance(getattr(config_class, k, None), property)}
-    return config_class(**settable)
+    default = config_class()
+    towers = {name: dict(_settable(type(sub), sizes), model_type=sub.model_type)
+              for name in getattr(config_class, "sub_configs", {})
+              if isinstance(sub := getattr(default, name, None), PretrainedConfig)}
+    return config_class(**_settable(config_class, sizes), **towers)
+
+
+def _settable(config_class, sizes: dict) -> dict:
+    # A derived size is a read-only property on some configs (Falcon's head_dim): leave those to the config.
+    return {k: v for k, v in sizes.items() if not isinstance(getattr(config_class, k, None), property)}
 
 
 def _randomize_zero_matrices(model) -> None:

@@ -118,13 +118,14 @@ def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ModelSourceError(f"{config_path}: {_first_line(e)}") from None
     auto_class = getattr(transformers, export_kind(kind, str(folder)).load().AUTO_CLASS)
-    if type(config) not in auto_class._model_mapping and not getattr(config, "auto_map", None):
+    model_class = _model_class(config, auto_class)
+    if model_class is None:
         raise ModelSourceError(f"{config_path}: model_type {config.model_type!r} is not a model transformers' "
                                f"{auto_class.__name__} builds (not a {kind} model)")
     try:
         # transformers reads safetensors when present and torch.load(weights_only=True) otherwise.
         transformers.utils.logging.disable_progress_bar()  # convert shows its own progress
-        module, info = auto_class.from_pretrained(
+        module, info = model_class.from_pretrained(
             folder, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
             local_files_only=True, output_loading_info=True,
         )
@@ -140,6 +141,19 @@ def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
     loaded = _loaded(module, str(folder), "folder", files_sha256(weights), kind)
     loaded.tokenizer_dir = tokenizer_dir
     return loaded
+
+
+def _model_class(config, auto_class):
+    """The auto class where it maps this config; else the config's own `architectures` entry when that is
+    one of the auto class's models built from this config type. A text tower saves its own config type (Emu3ForCausalLM writes
+    `emu3_text_model`), which no auto mapping lists, though transformers built the model from it."""
+    import transformers
+
+    if type(config) in auto_class._model_mapping or getattr(config, "auto_map", None):
+        return auto_class
+    known = set(auto_class._model_mapping.values())
+    return next((cls for name in getattr(config, "architectures", None) or []
+                 if (cls := getattr(transformers, name, None)) in known and isinstance(config, cls.config_class)), None)
 
 
 def _loaded(module, spec: str, origin: str, weights_sha256: str, kind: str) -> LoadedModel:

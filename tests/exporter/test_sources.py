@@ -81,3 +81,15 @@ def test_bad_sources_name_the_problem(make_spec, message, saved_folder, tmp_path
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(ModelSourceError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_model(make_spec(empty, saved_folder))
+
+
+def test_a_text_tower_saved_with_its_own_config_type_loads_by_its_architectures(tmp_path):
+    import transformers
+
+    # Emu3ForCausalLM saves an `emu3_text_model` config, which no auto mapping lists.
+    config = transformers.Emu3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    transformers.Emu3ForCausalLM(config).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "emu3_text_model"
+    loaded = load_model(str(tmp_path))
+    assert type(loaded.module).__name__ == "Emu3ForCausalLM" and loaded.facts.vocab_size == 128
