@@ -20,6 +20,7 @@ from typing import Callable
 from kiln.backends import BuildRequest, backend_of, refuse_unhosted_passes
 from kiln.calibration import read_calibration
 from kiln.errors import KilnError, VerificationFailed
+from kiln.interop import write_interop_files
 from kiln.manifest import write_json, write_manifest
 from kiln.onnxscript_fixes import add_complex_unsqueeze, make_no_op_rules_exact
 from kiln.reference import reference_predictor
@@ -27,7 +28,7 @@ from kiln.targets import missing_on_host, target_named
 from kiln.verify import VerificationInputs, compare
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                    "merges.txt", "tokenizer.model", "generation_config.json")
+                    "merges.txt", "tokenizer.model")
 _TEMP_MARK = ".kiln-tmp-"
 # Write failures that are the machine's state, not a bug: a full disk, a quota, a read-only or forbidden folder.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -123,6 +124,13 @@ def convert(
         if backend.recipe is not None:
             with step("optimize"):
                 pass_reports = _optimize(graphs, loaded, request, backend.recipe(target_spec, precision))
+        interop = None
+        if loaded.kind == "decoder-lm":
+            model_graph = graphs.get("model")
+            interop = write_interop_files(
+                loaded, workdir, backend.name, target_spec,
+                model_graph.path.relative_to(workdir).as_posix() if model_graph else None,
+                loaded.family.max_positions_of(loaded.config))
         fields = {
             "kind": loaded.kind,
             "source": {
@@ -142,6 +150,7 @@ def convert(
                        for role, g in graphs.items()},
             "opset": max(g.opset for g in graphs.values()),
             "tokenizer": tokenizer,
+            **({"interop": interop} if interop else {}),
             "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graphs),
             **backend.manifest_fields(target_spec),
         }
@@ -312,13 +321,13 @@ def move_into_place(workdir: Path, output: Path) -> None:
 
 
 def _copy_tokenizer(source: Path | None, workdir: Path) -> str | None:
-    """Carry the source folder's tokenizer files into `tokenizer/`, so generate can take text."""
+    """Carry the source folder's tokenizer files beside the graph (where transformers, Optimum and
+    onnxruntime-genai look for them), so generate can take text."""
     if source is None:
         return None
     files = [source / name for name in _TOKENIZER_FILES if (source / name).is_file()]
     if not files:
         return None
-    (workdir / "tokenizer").mkdir()
     for path in files:
-        shutil.copy2(path, workdir / "tokenizer" / path.name)
-    return "tokenizer"
+        shutil.copy2(path, workdir / path.name)
+    return "."

@@ -27,13 +27,14 @@ def engine_with_tokenizer(shared_dir):
         kiln.convert(str(folder), output=engine)
 
     engine = build_once(shared_dir / "with-tokenizer" / "engine", build)
-    return engine, Tokenizer.from_file(str(engine / "tokenizer" / "tokenizer.json"))
+    return engine, Tokenizer.from_file(str(engine / "tokenizer.json"))
 
 
 def test_engine_carries_the_tokenizer_and_takes_text(engine_with_tokenizer):
     engine_dir, tokenizer = engine_with_tokenizer
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    assert manifest["tokenizer"] == "tokenizer" and "tokenizer/tokenizer.json" in manifest["files"]
+    # Beside the graph, where transformers, Optimum and onnxruntime-genai look for it.
+    assert manifest["tokenizer"] == "." and "tokenizer.json" in manifest["files"]
     engine = kiln.load(engine_dir)
     ids = tokenizer.encode("hello world").ids
     np.testing.assert_array_equal(engine.generate("hello world", 6), engine.generate([ids], 6))
@@ -45,9 +46,9 @@ def test_a_changed_tokenizer_is_refused(engine_with_tokenizer, tmp_path):
     from runtimes import EngineError
 
     copy = shutil.copytree(engine_with_tokenizer[0], tmp_path / "engine")
-    path = copy / "tokenizer" / "tokenizer.json"
+    path = copy / "tokenizer.json"
     path.write_text(path.read_text().replace("kiln", "kilm"))
-    with pytest.raises(EngineError, match="file 'tokenizer/tokenizer.json' does not match its sha256"):
+    with pytest.raises(EngineError, match="file 'tokenizer.json' does not match its sha256"):
         kiln.load(copy)
 
 

@@ -1,0 +1,111 @@
+"""What other ONNX Runtime tools look for in a model folder, written into decoder engines so they load one
+as it is: Optimum's `ORTModelForCausalLM` reads `config.json` (and `generation_config.json`);
+onnxruntime-genai reads `genai_config.json` and the tokenizer files beside the graph.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+GENAI_CONFIG = "genai_config.json"
+# Op domains ONNX Runtime runs without a custom-op library (onnxruntime-genai cannot register kiln's).
+_ORT_DOMAINS = {"", "ai.onnx", "com.microsoft"}
+
+
+def write_source_configs(loaded, workdir: Path) -> list[str]:
+    """The source's `config.json` and `generation_config.json` (a preset's too: both built from its config)."""
+    loaded.config.to_json_file(workdir / "config.json")
+    written = ["config.json"]
+    generation = getattr(loaded.module, "generation_config", None)
+    if generation is not None:
+        generation.to_json_file(workdir / "generation_config.json")
+        written.append("generation_config.json")
+    return written
+
+
+def genai_support(loaded, backend: str, target, graph_path: Path) -> str | None:
+    """Why onnxruntime-genai cannot run this engine, or None when it can."""
+    if backend != "onnxruntime":
+        return f"onnxruntime-genai runs ONNX graphs; this is an engine of the {backend} backend"
+    if target.device not in ("cpu", "cuda"):
+        return f"the engine's device {target.device!r} has no onnxruntime-genai provider here"
+    facts = loaded.facts
+    if facts.layer_caches or facts.value_dim != facts.head_dim:
+        # genai sizes every layer's cache from one head_size and one num_key_value_heads.
+        return "layers differ in cache width (or values in width from keys), which genai_config cannot describe"
+    import onnx
+
+    graph = onnx.load(graph_path, load_external_data=False).graph
+    domains = sorted({node.domain for node in graph.node} - _ORT_DOMAINS)
+    if domains:
+        return f"the graph uses ops of {', '.join(domains)}, which onnxruntime-genai cannot load"
+    return None
+
+
+def genai_config(loaded, graph_file: str, target, max_positions: int | None) -> dict:
+    """`genai_config.json` for a kiln decoder graph: the generic `decoder` model type with the engine's IO
+    names, so no per-family table is needed; search defaults from the model's generation config."""
+    from runtimes.decoder_lm import PAST_PREFIX, PRESENT_PREFIX
+
+    facts, config = loaded.facts, loaded.config
+    generation = getattr(loaded.module, "generation_config", None)
+
+    def token(name: str):
+        value = getattr(generation, name, None)
+        return value if value is not None else getattr(config, name, None)
+
+    pad = token("pad_token_id")
+    eos = token("eos_token_id")
+    context = max_positions or 4096
+    provider_options = [] if target.device == "cpu" else [{"cuda": {}}]
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": token("bos_token_id"),
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+            "vocab_size": facts.vocab_size,
+            "context_length": context,
+            "decoder": {
+                "filename": graph_file,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
+                "head_size": facts.head_dim,
+                "hidden_size": facts.hidden_size,
+                "num_attention_heads": facts.heads,
+                "num_key_value_heads": facts.kv_heads,
+                "num_hidden_layers": facts.layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": f"{PAST_PREFIX}%d.key", "past_value_names": f"{PAST_PREFIX}%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": f"{PRESENT_PREFIX}%d.key",
+                            "present_value_names": f"{PRESENT_PREFIX}%d.value"},
+            },
+        },
+        "search": {
+            "do_sample": bool(getattr(generation, "do_sample", False)),
+            "max_length": context,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            # kiln graphs concatenate the cache (present = past + new), not genai's shared buffer.
+            "past_present_share_buffer": False,
+            "temperature": float(getattr(generation, "temperature", None) or 1.0),
+            "top_k": int(getattr(generation, "top_k", None) or 50),
+            "top_p": float(getattr(generation, "top_p", None) or 1.0),
+            "repetition_penalty": float(getattr(generation, "repetition_penalty", None) or 1.0),
+        },
+    }
+
+
+def write_interop_files(loaded, workdir: Path, backend: str, target, graph_file: str | None,
+                        max_positions: int | None) -> dict:
+    """Write the files above; returns the manifest's `interop` entry (each tool's file, or why it has none)."""
+    entry: dict = {"config": write_source_configs(loaded, workdir)}
+    reason = genai_support(loaded, backend, target, workdir / graph_file) if graph_file else "no single model graph"
+    if reason is None:
+        document = genai_config(loaded, graph_file, target, max_positions)
+        (workdir / GENAI_CONFIG).write_text(json.dumps(document, indent=2) + "\n")
+        entry["onnxruntime_genai"] = GENAI_CONFIG
+    else:
+        entry["onnxruntime_genai"] = None
+        entry["onnxruntime_genai_reason"] = reason
+    return entry
