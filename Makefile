@@ -13,7 +13,7 @@ PRECISION ?= fp32
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test demo clean cpu aoti cuda rocm tensorrt bench interop-optimum
+.PHONY: help install test demo clean cpu aoti cuda rocm tensorrt bench interop
 
 include plugins/plugins.mk
 
@@ -31,7 +31,7 @@ help:
 	@echo "make rocm      the same for ONNX Runtime's MIGraphX provider (needs an AMD GPU with ROCm)"
 	@echo "make tensorrt  the same as a TensorRT plan (needs an NVIDIA GPU and TensorRT)"
 	@echo "make bench     convert gpt2 (ONNX fp32/int8/int4, AOTInductor) and measure beside eager and torch.compile (README table)"
-	@echo "make interop-optimum  load kiln engines of three families in Optimum's ORTModelForCausalLM (own venv: it pins transformers < 4.58)"
+	@echo "make interop   kiln engines in Optimum's ORTModelForCausalLM (own venv: it pins transformers < 4.58), Optimum and genai folders in kiln"
 	@echo "make clean     remove build outputs"
 
 install: $(STAMP)
@@ -52,13 +52,14 @@ test: install
 
 # optimum-onnx pins transformers < 4.58, kiln needs 5: Optimum gets a venv of its own, torch pinned the same.
 OPTIMUM_VENV ?= build/venv-optimum
-interop-optimum: install
+interop: install
 	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
 	$(OPTIMUM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(OPTIMUM_VENV)/bin/python -m pip freeze | grep -i '^torch==' > $(OPTIMUM_VENV)/constraints.txt
 	$(OPTIMUM_VENV)/bin/python -m pip install --quiet -c $(OPTIMUM_VENV)/constraints.txt optimum-onnx onnxruntime
-	$(BIN)/python benchmarks/interop_optimum.py prepare build/interop
-	$(OPTIMUM_VENV)/bin/python benchmarks/interop_optimum.py check build/interop
+	$(BIN)/python benchmarks/interop.py prepare build/interop
+	$(OPTIMUM_VENV)/bin/python benchmarks/interop.py check build/interop
+	$(BIN)/python benchmarks/interop.py foreign build/interop
 
 demo: install
 	$(BIN)/kiln convert $(DEMO_PRESET) --target cpu --precision fp32 -o $(DEMO_OUT) --force

@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from runtimes.engine_dir import MANIFEST
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -47,6 +49,8 @@ def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -
     from kiln.backends import backend_named
     from runtimes.engine_dir import graph_entries, read_manifest
 
+    if not (Path(engine_dir) / MANIFEST).exists():
+        return foreign_candidate(Path(engine_dir), threads, label)
     manifest = read_manifest(engine_dir)
     backend = backend_named(manifest["backend"])
     predictor = runtimes.load(engine_dir, **backend.bench_options(threads))
@@ -56,6 +60,22 @@ def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -
         label or f"{Path(engine_dir).name} ({manifest['target']}/{manifest['precision']})", predictor, str(engine_dir),
         sum(entry["bytes"] for entry in manifest["files"].values()), weights, _max_positions(manifest),
         config["vocab_size"],
+    )
+
+
+def foreign_candidate(folder: Path, threads: int, label: str | None = None) -> Candidate:
+    """A decoder folder not built by torchkiln (an Optimum export, a genai-builder folder), measured the same way."""
+    import runtimes
+    from kiln.backends import backend_named
+    from runtimes.decoder_lm import vocab_size
+    from runtimes.foreign import context_length_of, foreign_graph_file
+
+    backend = backend_named("onnxruntime")
+    predictor = runtimes.load(folder, **backend.bench_options(threads))
+    return Candidate(
+        label or f"{folder.name} (not built by torchkiln)", predictor, str(folder),
+        sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()), backend.weight_bytes(foreign_graph_file(folder)),
+        context_length_of(folder), vocab_size(predictor.signature),
     )
 
 

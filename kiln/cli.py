@@ -364,16 +364,23 @@ def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temper
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--against", "source", metavar="SOURCE",
+              help="Check a folder not built by torchkiln (an Optimum export, a genai-builder folder) against this model.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="The tolerance --against judges by (the folder has no manifest to say): fp32, fp16, bf16, int8, int4.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def verify(ctx, engine_dir, as_json):
+def verify(ctx, engine_dir, source, precision, as_json):
     """Check an engine's files against its manifest, then re-run its fidelity check against PyTorch."""
     import runtimes
     from kiln.reference import load_reference
     from kiln.verify import VerificationInputs, compare
-    from runtimes.engine_dir import read_manifest
+    from runtimes.engine_dir import MANIFEST, read_manifest
 
     _json_mode(ctx, as_json)
+    if source is not None or (Path(engine_dir).is_dir() and not (Path(engine_dir) / MANIFEST).exists()):
+        _verify_against(engine_dir, source, precision, as_json)
+        return
     manifest = read_manifest(engine_dir)
     stored = manifest["verification"].get("inputs")
     inputs = VerificationInputs(**stored) if stored else VerificationInputs()
@@ -389,6 +396,38 @@ def verify(ctx, engine_dir, as_json):
     click.echo(f"files: all {len(manifest['files'])} match the manifest")
     click.echo(f"verification: passed; logits max abs error {logits['max_abs']:.2e}, top-1 {logits['top1_agreement']:.2%}, "
                f"KL {logits['kl_mean']:.2e}")
+
+
+def _verify_against(engine_dir: Path, source: str | None, precision: str, as_json: bool) -> None:
+    """The fidelity check of any decoder folder against a PyTorch model (no manifest: no file check)."""
+    import runtimes
+    from exporter import load_model
+    from kiln.pipeline import verification_inputs
+    from kiln.reference import reference_predictor
+    from kiln.errors import KilnError
+    from kiln.verify import TOLERANCES, compare
+    from runtimes.decoder_lm import contract_signature
+
+    if precision not in TOLERANCES:
+        raise KilnError(f"--precision {precision!r}: expected one of {', '.join(TOLERANCES)}")
+    if source is None:
+        raise KilnError(f"{engine_dir}: no manifest.json (not built by torchkiln): pass --against SOURCE, the PyTorch "
+                        "model to check it against")
+    loaded = load_model(source)
+    with runtimes.load(engine_dir) as engine:
+        reference = reference_predictor(loaded, {"model": contract_signature(loaded.facts)})
+        report = compare(engine, reference, loaded.facts.vocab_size, precision, verification_inputs(loaded))
+    provenance = getattr(engine, "provenance", None)
+    if not report["passed"]:
+        raise VerificationFailed(f"{engine_dir}: verification against {source} failed: " + "; ".join(report["failures"]), report)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "exit_code": 0, "against": source, "provenance": provenance,
+                               "verification": report}, indent=2))
+        return
+    logits = report["logits"]
+    click.echo(f"{engine_dir}: {provenance}")
+    click.echo(f"verification against {source} ({precision}): passed; logits max abs error {logits['max_abs']:.2e}, "
+               f"top-1 {logits['top1_agreement']:.2%}, KL {logits['kl_mean']:.2e}")
 
 
 @cli.command()

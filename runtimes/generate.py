@@ -18,6 +18,8 @@ from runtimes.tokenizer import encode_prompts
 class DecoderLMPredictor(Predictor):
     """An engine of the decoder-LM kind: `predict` runs its one graph (`model`); `generate` and `stream` decode."""
 
+    provenance = "built by torchkiln: verified at conversion, hash-checked at load"
+
     def __init__(self, graphs: Mapping[str, Predictor], tokenizer=None):
         if set(graphs) != set(GRAPHS):
             raise EngineError(f"a decoder-lm engine has graphs {', '.join(GRAPHS)}; got {', '.join(graphs) or 'none'}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from runtimes.engine_dir import check_files, engine_device, engine_kind, graph_entries, read_manifest
+from runtimes.engine_dir import MANIFEST, check_files, engine_device, engine_kind, graph_entries, read_manifest
+from runtimes.foreign import load_foreign
 from runtimes.errors import EngineError
 from runtimes.predictor import Predictor
 from runtimes.tokenizer import load_tokenizer
@@ -31,10 +32,15 @@ def register_adapter(backend: str, adapter: str) -> None:
 def load(engine_dir, device: str | None = None, **backend_options) -> Predictor:
     """Open an engine directory as a Predictor after checking every file against the manifest.
 
+    A folder without a manifest that holds one ONNX decoder graph (an Optimum export, onnxruntime-genai's
+    builder output) opens too, on the CPU, marked `provenance = "not built by torchkiln: ..."`.
+
     `device` defaults to the engine's own (its manifest's `device`); "cuda:1" picks a GPU. `backend_options`
     go to the adapter (for ONNX Runtime: `threads`, `optimization_level`, `providers`, `allow_spinning`).
     """
     engine_dir = Path(engine_dir)
+    if engine_dir.is_dir() and not (engine_dir / MANIFEST).exists():
+        return load_foreign(engine_dir, device, **backend_options)  # an Optimum or genai folder, say
     manifest = read_manifest(engine_dir)
     check_files(engine_dir, manifest)
     built_for = engine_device(manifest)
