@@ -148,7 +148,7 @@ def sweep_one(model_type: str, workdir: Path, target: str = "cpu") -> dict:
     if fusion:
         record["fused"] = fusion["fused"]
         record["attention_fused"] = fusion["details"]["attention_fused"]
-    with kiln.load(result.engine_dir) as engine:
+    with kiln.load(result.engine_dir, trust_native_code=True) as engine:  # built just now
         got = [engine.generate(PROMPTS[:1], NEW_TOKENS).tolist(), engine.generate(PROMPTS, NEW_TOKENS).tolist()]
     record["batch1_identical"] = got[0] == want[0]
     record["padded_batch_identical"] = got[1] == want[1]

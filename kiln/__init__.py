@@ -12,11 +12,12 @@ def convert(spec: str, target: str = "cpu", precision: str = "fp32", output=None
     return run_convert(spec, target, precision, output, **options)
 
 
-def load(engine_dir, device: str | None = None, **backend_options):
-    """Open an engine directory as a Predictor, on the engine's own device unless `device` says; see `runtimes.load`."""
+def load(engine_dir, device: str | None = None, **options):
+    """Open an engine directory as a Predictor, on the engine's own device unless `device` says; `expect_digest`,
+    `public_key` and `trust_native_code` say which engines to trust. See `runtimes.load`."""
     import runtimes
 
-    return runtimes.load(engine_dir, device=device, **backend_options)
+    return runtimes.load(engine_dir, device=device, **options)
 
 
 def load_reference(engine_dir, **options):

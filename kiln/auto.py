@@ -59,7 +59,8 @@ def convert_auto(spec: str, target: str = "cpu", output=None, *, budget: str = "
             raise VerificationFailed(f"--auto: no candidate of {', '.join(precisions)} passed verification", {"candidates": rejected})
         config = BenchConfig(prompt_lengths=(wanted["prompt"],), batches=(wanted["batch"],), new_tokens=wanted["new"],
                              decode_prompt=wanted["prompt"], rounds=rounds, threads=threads)
-        bench = run_bench([engine_candidate(r.engine_dir, threads, label=p) for p, r in built.items()], config)
+        bench = run_bench([engine_candidate(r.engine_dir, threads, label=p, trust_native_code=True)  # built just now
+                           for p, r in built.items()], config)
         measured = []
         for precision, figures in zip(built, bench["engines"]):
             rate = figures["decode_tok_s"][str(wanted["batch"])]["median"]

@@ -43,7 +43,7 @@ class Candidate:
     vocab_size: int
 
 
-def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -> Candidate:
+def engine_candidate(engine_dir: Path, threads: int, label: str | None = None, trust_native_code: bool = False) -> Candidate:
     """Load an engine directory for measuring, with its backend's options for `threads` threads."""
     import runtimes
     from kiln.backends import backend_named
@@ -53,7 +53,7 @@ def engine_candidate(engine_dir: Path, threads: int, label: str | None = None) -
         return foreign_candidate(Path(engine_dir), threads, label)
     manifest = read_manifest(engine_dir)
     backend = backend_named(manifest["backend"])
-    predictor = runtimes.load(engine_dir, **backend.bench_options(threads))
+    predictor = runtimes.load(engine_dir, trust_native_code=trust_native_code, **backend.bench_options(threads))
     weights = sum(backend.weight_bytes(Path(engine_dir) / g["file"]) for g in graph_entries(manifest).values())
     config = manifest["source"]["config"]
     return Candidate(

@@ -60,6 +60,24 @@ def _json_mode(ctx: click.Context, as_json: bool) -> None:
     ctx.ensure_object(dict)["json"] = as_json
 
 
+def _trust_options(command):
+    """--expect-digest, --public-key, --trust-native-code, handed to runtimes.load as `trust`."""
+    import functools
+
+    @click.option("--expect-digest", metavar="SHA256", help="Refuse any engine but the one with this digest "
+                  "(`kiln convert --json` reports it).")
+    @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="Refuse the engine unless kiln.sig is a valid signature by this key's private half (PEM).")
+    @click.option("--trust-native-code", is_flag=True, help="Load an engine that carries native code (AOTInductor, "
+                  "TensorRT, torch ops) without a pinned digest or signature.")
+    @functools.wraps(command)
+    def with_trust(*args, expect_digest, public_key, trust_native_code, **kwargs):
+        trust = {"expect_digest": expect_digest, "public_key": public_key, "trust_native_code": trust_native_code}
+        return command(*args, trust=trust, **kwargs)
+
+    return with_trust
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("spec")
 @click.option("--target", default="cpu", show_default=True, help="Where the engine runs (see kiln.targets).")
@@ -110,7 +128,7 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
     if as_json:
         click.echo(json.dumps({"ok": True, "exit_code": 0, "engine_dir": str(result.engine_dir), **_summary(manifest)}, indent=2))
         return
-    click.echo(f"engine: {result.engine_dir}")
+    click.echo(f"engine: {result.engine_dir} ({_summary(manifest)['digest']})")
     if not manifest["source"].get("family_tested", True):
         click.echo(f"note: family {manifest['source']['family']!r} is not in the tested matrix (`kiln families`); "
                    "it converted and verified as shown below", err=True)
@@ -159,8 +177,10 @@ def _print_recipe(target: str, precision: str, as_json: bool) -> None:
 
 def _summary(manifest: dict) -> dict:
     from runtimes.engine_dir import engine_device, engine_kind
+    from runtimes.trust import engine_digest
 
     return {
+        "digest": engine_digest(manifest),  # what a service pins: `kiln.load(dir, expect_digest=...)`
         "target": manifest["target"],
         "precision": manifest["precision"],
         "backend": manifest["backend"],
@@ -180,9 +200,10 @@ def _summary(manifest: dict) -> dict:
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write a Markdown report: manifest, pass log, fidelity, files.")
 @click.option("--bench", "with_bench", is_flag=True, help="With --report: measure the engine beside PyTorch and add the table and a plot.")
+@click.option("--trust-native-code", is_flag=True, help="With --bench: load an engine that carries native code.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def inspect(ctx, engine_dir, report_path, with_bench, as_json):
+def inspect(ctx, engine_dir, report_path, with_bench, trust_native_code, as_json):
     """Summarize an engine: source, target, steps, verification, op histogram and file sizes."""
     from kiln.backends import backend_named
     from runtimes.engine_dir import graph_entries, read_manifest
@@ -196,7 +217,7 @@ def inspect(ctx, engine_dir, report_path, with_bench, as_json):
             ops.update(histogram(engine_dir / graph["file"]))
     document = {"engine_dir": str(engine_dir), **_summary(manifest), "op_histogram": dict(ops.most_common())}
     if report_path:
-        _write_report(engine_dir, manifest, dict(ops.most_common()), report_path, with_bench)
+        _write_report(engine_dir, manifest, dict(ops.most_common()), report_path, with_bench, trust_native_code)
         document["report"] = str(report_path)
     if as_json:
         click.echo(json.dumps(document, indent=2))
@@ -223,14 +244,15 @@ def inspect(ctx, engine_dir, report_path, with_bench, as_json):
         click.echo(f"file        {name}  {entry['bytes']:,} bytes  sha256 {entry['sha256'][:16]}…")
 
 
-def _write_report(engine_dir: Path, manifest: dict, ops: dict, report_path: Path, with_bench: bool) -> None:
+def _write_report(engine_dir: Path, manifest: dict, ops: dict, report_path: Path, with_bench: bool,
+                  trust_native_code: bool) -> None:
     from kiln.report import markdown_report
 
     bench, plot_name = None, None
     if with_bench:
         from kiln.bench import BenchConfig, engine_candidate, plot, reference_candidate, run_bench
 
-        candidates = [reference_candidate(engine_dir, 2), engine_candidate(engine_dir, 2)]
+        candidates = [reference_candidate(engine_dir, 2), engine_candidate(engine_dir, 2, trust_native_code=trust_native_code)]
         bench = run_bench(candidates, BenchConfig(prompt_lengths=(32,), batches=(1,), new_tokens=16, rounds=2))
         plot_name = report_path.with_suffix(".png").name
         plot(bench, report_path.with_name(plot_name))
@@ -276,8 +298,9 @@ def families(as_json):
 @click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path), help=".npz with one array per input name.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the outputs [default: outputs.npz].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_trust_options
 @click.pass_context
-def predict(ctx, engine_dir, inputs_path, output, as_json):
+def predict(ctx, engine_dir, inputs_path, output, as_json, trust):
     """Run one forward pass of an engine on the arrays in an .npz file; write the outputs to an .npz."""
     import numpy as np
 
@@ -290,7 +313,7 @@ def predict(ctx, engine_dir, inputs_path, output, as_json):
             feeds = {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as e:
         raise KilnError(f"{inputs_path}: cannot read as .npz ({e})") from None
-    with runtimes.load(engine_dir) as engine:
+    with runtimes.load(engine_dir, **trust) as engine:
         outputs = engine.predict(feeds)
     output = output or Path("outputs.npz")
     np.savez(output, **outputs)
@@ -315,9 +338,10 @@ def predict(ctx, engine_dir, inputs_path, output, as_json):
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of streaming.")
+@_trust_options
 @click.pass_context
 def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temperature, top_k, top_p,
-             repetition_penalty, seed, as_json):
+             repetition_penalty, seed, as_json, trust):
     """Generate from a prompt, printing tokens as they come."""
     import time
 
@@ -336,7 +360,7 @@ def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temper
     else:
         prompts = prompt
     eos = read_manifest(engine_dir)["source"]["config"].get("eos_token_id")
-    with runtimes.load(engine_dir) as engine:
+    with runtimes.load(engine_dir, **trust) as engine:
         text = engine.tokenizer is not None and prompt is not None
         produced: list[int] = []
         shown = ""
@@ -369,8 +393,9 @@ def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temper
 @click.option("--precision", default="fp32", show_default=True,
               help="The tolerance --against judges by (the folder has no manifest to say): fp32, fp16, bf16, int8, int4.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_trust_options
 @click.pass_context
-def verify(ctx, engine_dir, source, precision, as_json):
+def verify(ctx, engine_dir, source, precision, as_json, trust):
     """Check an engine's files against its manifest, then re-run its fidelity check against PyTorch."""
     import runtimes
     from kiln.reference import load_reference
@@ -379,12 +404,12 @@ def verify(ctx, engine_dir, source, precision, as_json):
 
     _json_mode(ctx, as_json)
     if source is not None or (Path(engine_dir).is_dir() and not (Path(engine_dir) / MANIFEST).exists()):
-        _verify_against(engine_dir, source, precision, as_json)
+        _verify_against(engine_dir, source, precision, as_json, trust)
         return
     manifest = read_manifest(engine_dir)
     stored = manifest["verification"].get("inputs")
     inputs = VerificationInputs(**stored) if stored else VerificationInputs()
-    with runtimes.load(engine_dir) as engine:
+    with runtimes.load(engine_dir, **trust) as engine:
         report = compare(engine, load_reference(engine_dir), manifest["source"]["config"]["vocab_size"],
                          manifest["precision"], inputs)
     if not report["passed"]:
@@ -398,7 +423,7 @@ def verify(ctx, engine_dir, source, precision, as_json):
                f"KL {logits['kl_mean']:.2e}")
 
 
-def _verify_against(engine_dir: Path, source: str | None, precision: str, as_json: bool) -> None:
+def _verify_against(engine_dir: Path, source: str | None, precision: str, as_json: bool, trust: dict) -> None:
     """The fidelity check of any decoder folder against a PyTorch model (no manifest: no file check)."""
     import runtimes
     from exporter import load_model
@@ -414,7 +439,7 @@ def _verify_against(engine_dir: Path, source: str | None, precision: str, as_jso
         raise KilnError(f"{engine_dir}: no manifest.json (not built by torchkiln): pass --against SOURCE, the PyTorch "
                         "model to check it against")
     loaded = load_model(source)
-    with runtimes.load(engine_dir) as engine:
+    with runtimes.load(engine_dir, **trust) as engine:
         reference = reference_predictor(loaded, {"model": contract_signature(loaded.facts)})
         report = compare(engine, reference, loaded.facts.vocab_size, precision, verification_inputs(loaded))
     provenance = getattr(engine, "provenance", None)
@@ -430,6 +455,27 @@ def _verify_against(engine_dir: Path, source: str | None, precision: str, as_jso
                f"top-1 {logits['top1_agreement']:.2%}, KL {logits['kl_mean']:.2e}")
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Elliptic-curve private key (PEM), e.g. `openssl ecparam -name prime256v1 -genkey -noout -out key.pem`.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+def sign(ctx, engine_dir, key, as_json):
+    """Sign an engine: kiln.sig over all its files (OpenSSF model signing); `--public-key` checks it at load."""
+    from runtimes.engine_dir import check_files, read_manifest
+    from runtimes.trust import engine_digest, sign_directory
+
+    _json_mode(ctx, as_json)
+    manifest = read_manifest(engine_dir)
+    check_files(engine_dir, manifest)  # sign only an engine that is intact
+    signature = sign_directory(engine_dir, key)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "exit_code": 0, "signature": str(signature), "digest": engine_digest(manifest)}, indent=2))
+    else:
+        click.echo(f"signed {engine_dir} ({engine_digest(manifest)}): {signature}")
+
+
 @cli.command()
 @click.argument("engine_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--reference", is_flag=True, help="Also measure the first engine's source model in PyTorch eager (the baseline).")
@@ -440,9 +486,11 @@ def _verify_against(engine_dir: Path, source: str | None, precision: str, as_jso
 @click.option("--rounds", default=3, show_default=True, type=int, help="Measured rounds, after one warm-up round.")
 @click.option("--threads", default=2, show_default=True, type=int, help="Threads per engine.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: decode tok/s with the bandwidth floor, prefill latency.")
+@click.option("--trust-native-code", is_flag=True, help="Load engines that carry native code (AOTInductor, TensorRT, torch ops).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batches, new_tokens, rounds, threads, plot_path, as_json):
+def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batches, new_tokens, rounds, threads, plot_path,
+          trust_native_code, as_json):
     """Measure engines side by side, interleaved in one process: prefill latency, first token, decode tok/s."""
     from rich.console import Console
 
@@ -451,7 +499,7 @@ def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batch
     _json_mode(ctx, as_json)
     config = BenchConfig(_int_list(prompt_lengths, "--prompt-lengths"), _int_list(batches, "--batches"),
                          new_tokens, rounds=rounds, threads=threads)
-    candidates = [engine_candidate(path, threads) for path in engine_dirs]
+    candidates = [engine_candidate(path, threads, trust_native_code=trust_native_code) for path in engine_dirs]
     if compiled_reference:
         candidates.insert(0, reference_candidate(engine_dirs[0], threads, compiled=True))
     if reference:

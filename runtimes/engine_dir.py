@@ -12,6 +12,8 @@ from pathlib import Path
 from runtimes.errors import EngineError
 
 MANIFEST = "manifest.json"
+# An engine's signature covers every file, the manifest included, so no manifest can list it (runtimes.trust).
+SIGNATURE = "kiln.sig"
 # A graph's weights go to `<graph file>.data` above this, at capture and after every pass. Protobuf cannot
 # hold 2 GiB, and well before that, saving weights inside the .onnx builds the whole message in memory
 # (gpt2's 497 MB: peak RSS 2.37 GB inline, 0.95 GB external); external data is written tensor by tensor.
@@ -84,9 +86,7 @@ def check_files(engine_dir: Path, manifest: dict) -> None:
     """Refuse the directory unless its files are exactly those listed, each with its sha256."""
     engine_dir = Path(engine_dir).resolve()
     listed = manifest["files"]
-    present = {
-        p.relative_to(engine_dir).as_posix() for p in engine_dir.rglob("*") if p.is_file() and p.name != MANIFEST
-    }
+    present = {p.relative_to(engine_dir).as_posix() for p in engine_dir.rglob("*") if p.is_file()} - {MANIFEST, SIGNATURE}
     for name, entry in listed.items():
         path = (engine_dir / name).resolve()
         if not path.is_relative_to(engine_dir):

@@ -10,6 +10,7 @@ from runtimes.foreign import load_foreign
 from runtimes.errors import EngineError
 from runtimes.predictor import Predictor
 from runtimes.tokenizer import load_tokenizer
+from runtimes.trust import check_pinned_digest, check_signature, refuse_untrusted_native_code
 
 # The manifest's backend -> "module:Class" of the adapter that runs one graph of it. kiln's backend records
 # register theirs here (kiln.backends); this table lets a service open engines without importing kiln.
@@ -29,7 +30,8 @@ def register_adapter(backend: str, adapter: str) -> None:
     ADAPTERS[backend] = adapter
 
 
-def load(engine_dir, device: str | None = None, **backend_options) -> Predictor:
+def load(engine_dir, device: str | None = None, *, expect_digest: str | None = None, public_key=None,
+         trust_native_code: bool = False, **backend_options) -> Predictor:
     """Open an engine directory as a Predictor after checking every file against the manifest.
 
     A folder without a manifest that holds one ONNX decoder graph (an Optimum export, onnxruntime-genai's
@@ -40,13 +42,20 @@ def load(engine_dir, device: str | None = None, **backend_options) -> Predictor:
     """
     engine_dir = Path(engine_dir)
     if engine_dir.is_dir() and not (engine_dir / MANIFEST).exists():
+        if expect_digest or public_key:
+            raise EngineError(f"{engine_dir}: no {MANIFEST} (not built by torchkiln): nothing to pin or check a signature of")
         return load_foreign(engine_dir, device, **backend_options)  # an Optimum or genai folder, say
     manifest = read_manifest(engine_dir)
+    if expect_digest:  # before anything but the manifest is read
+        check_pinned_digest(engine_dir, manifest, expect_digest)
+    if public_key is not None:
+        check_signature(engine_dir, public_key)
     check_files(engine_dir, manifest)
     built_for = engine_device(manifest)
     device = device or built_for
     if device.split(":")[0] != built_for:
         raise EngineError(f"{engine_dir}: engine target {manifest['target']!r} runs on {built_for}, not device={device!r}")
+    refuse_untrusted_native_code(engine_dir, manifest, trusted=bool(expect_digest or public_key or trust_native_code))
     adapter = _resolve(ADAPTERS, manifest["backend"], "backend", engine_dir)
     kind = _resolve(KINDS, engine_kind(manifest), "kind", engine_dir)
     graphs: dict[str, Predictor] = {}

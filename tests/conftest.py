@@ -61,6 +61,14 @@ def engine_dir(shared_dir):
 
 
 @pytest.fixture(scope="session")
+def aoti_engine(shared_dir):
+    """A verified aoti-cpu engine of tiny-gpt2, converted once per run."""
+    import kiln
+
+    return build_once(shared_dir / "aoti" / "tiny-gpt2", lambda out: kiln.convert("tiny-gpt2", target="aoti-cpu", output=out))
+
+
+@pytest.fixture(scope="session")
 def reference():
     """`reference(engine)` -> the PyTorch eager Predictor of that engine's source, loaded once."""
     import kiln

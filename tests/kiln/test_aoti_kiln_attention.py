@@ -31,7 +31,7 @@ def test_a_fresh_process_generates_the_reference_tokens_from_padded_prompts(plug
     # A new interpreter: the engine must load the op itself before the package.
     script = (
         "import sys, json, kiln; "
-        "print(json.dumps(kiln.load(sys.argv[1]).generate([[5, 17, 300, 42, 9], [7, 7]], max_new_tokens=12).tolist()))"
+        "print(json.dumps(kiln.load(sys.argv[1], trust_native_code=True).generate([[5, 17, 300, 42, 9], [7, 7]], max_new_tokens=12).tolist()))"
     )
     run = subprocess.run([sys.executable, "-c", script, str(plugin_engine)], capture_output=True, text=True, check=True)
     got = np.array(json.loads(run.stdout.strip().splitlines()[-1]))

@@ -22,6 +22,9 @@ def test_convert_json_for_ci(tmp_path):
     assert document["ok"] is True and document["verification"]["passed"] is True
     assert document["engine_dir"] == str(tmp_path / "e1")
     assert "✓ export" in done.stderr  # progress goes to stderr
+    # The digest a service pins: the manifest's, recomputed.
+    manifest = json.loads((tmp_path / "e1" / "manifest.json").read_text())
+    assert document["digest"] == "sha256:" + manifest["manifest_sha256"]
 
 
 @pytest.mark.parametrize(

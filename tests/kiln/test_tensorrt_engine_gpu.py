@@ -39,7 +39,7 @@ def tensorrt_engine(captured, tmp_path_factory):
 def predictors(captured, tensorrt_engine):
     from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 
-    engine = runtimes.load(tensorrt_engine[0])
+    engine = runtimes.load(tensorrt_engine[0], trust_native_code=True)
     yield engine, OnnxRuntimePredictor(captured[0])
     engine.close()
 

@@ -142,7 +142,7 @@ def tensorrt_engine_dir(tmp_path):
 @tensorrt_absent
 def test_loading_without_tensorrt_names_what_is_missing(tensorrt_engine_dir):
     with pytest.raises(EngineError, match=r"engine target 'tensorrt': TensorRT engines need TensorRT: pip install tensorrt"):
-        runtimes.load(tensorrt_engine_dir)
+        runtimes.load(tensorrt_engine_dir, trust_native_code=True)
     with pytest.raises(EngineError, match=r"TensorRT engines need TensorRT"):
         TensorRTPredictor(tensorrt_engine_dir / "engine.plan", recorded_signature())
 
@@ -156,7 +156,7 @@ def test_loading_on_the_cpu_says_which_device_is_needed(tensorrt_engine_dir):
 
 def test_load_options_the_adapter_does_not_take_are_refused(tensorrt_engine_dir):
     with pytest.raises(EngineError, match=r"TensorRT engines take no load options; got threads"):
-        runtimes.load(tensorrt_engine_dir, threads=4)
+        runtimes.load(tensorrt_engine_dir, threads=4, trust_native_code=True)
 
 
 def test_importing_runtimes_and_the_builder_imports_neither_tensorrt_nor_torch():
