@@ -98,13 +98,14 @@ def context_length_of(folder: Path) -> int | None:
 
 def load_foreign(folder: Path, device: str | None = None, **backend_options) -> DecoderLMPredictor:
     """A DecoderLMPredictor over the folder's ONNX decoder graph, marked as not built by torchkiln."""
-    from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
+    from runtimes.onnxruntime_adapter import OnnxRuntimePredictor, refuse_escaping_external_data
 
     if device not in (None, "cpu"):
         raise EngineError(f"{folder}: folders not built by torchkiln open on the CPU only (got device={device!r})")
     graph = foreign_graph_file(folder)
     if graph is None or not graph.is_file():
         raise EngineError(f"{folder}: not an engine directory (no manifest.json) and no single ONNX decoder graph")
+    refuse_escaping_external_data(graph, folder)
     inner = OnnxRuntimePredictor(graph, **backend_options)
     names = {t.name for t in inner.signature.inputs} | {t.name for t in inner.signature.outputs}
     absent = [n for n in ("input_ids", "attention_mask", "logits", f"{PAST_PREFIX}0.key", f"{PRESENT_PREFIX}0.key")

@@ -37,6 +37,10 @@ def load(engine_dir, device: str | None = None, *, expect_digest: str | None = N
     A folder without a manifest that holds one ONNX decoder graph (an Optimum export, onnxruntime-genai's
     builder output) opens too, on the CPU, marked `provenance = "not built by torchkiln: ..."`.
 
+    Trust (runtimes.trust): `expect_digest` ("sha256:..." as `kiln convert --json` reports it) refuses any other
+    engine before more than its manifest is read; `public_key` (PEM) requires a valid `kiln.sig`; an engine
+    carrying native code (AOTInductor, TensorRT, torch ops) loads only with one of them or `trust_native_code`.
+
     `device` defaults to the engine's own (its manifest's `device`); "cuda:1" picks a GPU. `backend_options`
     go to the adapter (for ONNX Runtime: `threads`, `optimization_level`, `providers`, `allow_spinning`).
     """

@@ -54,7 +54,7 @@ class OnnxRuntimePredictor(Predictor):
         """`graph` is the manifest's entry for one graph: its file and signature."""
         providers = options.pop("providers", None) or manifest.get("providers") or ["CPUExecutionProvider"]
         model_path = engine_dir / graph["file"]
-        _refuse_escaping_external_data(model_path, engine_dir)
+        refuse_escaping_external_data(model_path, engine_dir)
         try:
             return cls(model_path, providers=providers, **options)
         except EngineError as e:
@@ -69,7 +69,7 @@ def _spec(value) -> TensorSpec:
     return TensorSpec(value.name, _ORT_DTYPES.get(value.type, value.type), shape)
 
 
-def _refuse_escaping_external_data(model_path: Path, engine_dir: Path) -> None:
+def refuse_escaping_external_data(model_path: Path, engine_dir: Path) -> None:
     """ONNX Runtime opens external-data paths as written: refuse any that leave the engine directory."""
     import onnx
 
