@@ -23,10 +23,10 @@ def write_source_configs(loaded, workdir: Path) -> list[str]:
     return written
 
 
-def genai_support(loaded, backend: str, target, graph_path: Path) -> str | None:
+def genai_support(loaded, target, graph_path: Path) -> str | None:
     """Why onnxruntime-genai cannot run this engine, or None when it can."""
-    if backend != "onnxruntime":
-        return f"onnxruntime-genai runs ONNX graphs; this is an engine of the {backend} backend"
+    if graph_path.suffix != ".onnx":
+        return f"onnxruntime-genai runs ONNX graphs; this engine's graph is {graph_path.name}"
     if target.device not in ("cpu", "cuda"):
         return f"the engine's device {target.device!r} has no onnxruntime-genai provider here"
     facts = loaded.facts
@@ -96,11 +96,10 @@ def genai_config(loaded, graph_file: str, target, max_positions: int | None) -> 
     }
 
 
-def write_interop_files(loaded, workdir: Path, backend: str, target, graph_file: str | None,
-                        max_positions: int | None) -> dict:
+def write_interop_files(loaded, workdir: Path, target, graph_file: str | None, max_positions: int | None) -> dict:
     """Write the files above; returns the manifest's `interop` entry (each tool's file, or why it has none)."""
     entry: dict = {"config": write_source_configs(loaded, workdir)}
-    reason = genai_support(loaded, backend, target, workdir / graph_file) if graph_file else "no single model graph"
+    reason = genai_support(loaded, target, workdir / graph_file) if graph_file else "no single model graph"
     if reason is None:
         document = genai_config(loaded, graph_file, target, max_positions)
         (workdir / GENAI_CONFIG).write_text(json.dumps(document, indent=2) + "\n")

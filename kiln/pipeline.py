@@ -128,7 +128,7 @@ def convert(
         if loaded.kind == "decoder-lm":
             model_graph = graphs.get("model")
             interop = write_interop_files(
-                loaded, workdir, backend.name, target_spec,
+                loaded, workdir, target_spec,
                 model_graph.path.relative_to(workdir).as_posix() if model_graph else None,
                 loaded.family.max_positions_of(loaded.config))
         fields = {

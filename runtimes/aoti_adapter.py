@@ -12,6 +12,8 @@ from runtimes.signature import Signature
 
 
 class AotiPredictor(Predictor):
+    native_code = "an AOTInductor package (compiled code)"
+
     def __init__(self, package_path: Path, signature: Signature, device: str = "cpu"):
         import torch  # the package runs inside torch's C++ runtime
 

@@ -59,8 +59,8 @@ def load(engine_dir, device: str | None = None, *, expect_digest: str | None = N
     device = device or built_for
     if device.split(":")[0] != built_for:
         raise EngineError(f"{engine_dir}: engine target {manifest['target']!r} runs on {built_for}, not device={device!r}")
-    refuse_untrusted_native_code(engine_dir, manifest, trusted=bool(expect_digest or public_key or trust_native_code))
     adapter = _resolve(ADAPTERS, manifest["backend"], "backend", engine_dir)
+    refuse_untrusted_native_code(engine_dir, manifest, adapter, trusted=bool(expect_digest or public_key or trust_native_code))
     kind = _resolve(KINDS, engine_kind(manifest), "kind", engine_dir)
     graphs: dict[str, Predictor] = {}
     try:

@@ -22,6 +22,9 @@ class Predictor:
 
     signature: Signature
     tokenizer = None  # a `tokenizers.Tokenizer` when the engine carries one: prompts may then be text
+    # What of an engine this adapter runs as native code when it opens it (None: nothing); loading such an
+    # engine needs a pinned digest, a signature or explicit trust (runtimes.trust).
+    native_code: str | None = None
 
     def predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass. `feeds` maps every input name to an array; returns every output by name."""

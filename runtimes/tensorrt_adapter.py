@@ -181,6 +181,8 @@ class DeviceBuffers:
 
 
 class TensorRTPredictor(Predictor):
+    native_code = "a TensorRT plan (deserialized kernels and plugins)"
+
     def __init__(self, plan_path: Path, recorded_signature: Signature | None = None, device: str = "cuda",
                  built_on: Mapping | None = None):
         if not str(device).startswith("cuda"):

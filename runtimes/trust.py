@@ -11,6 +11,7 @@ admits beside the listed ones.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from runtimes.engine_dir import SIGNATURE, manifest_digest
@@ -43,8 +44,18 @@ def check_signature(engine_dir: Path, public_key) -> None:
     config.set_hashing_config(hashing.Config().set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False))
     try:
         config.verify(engine_dir, signature)
-    except (ValueError, OSError) as e:  # model-signing names the file: "Hash mismatch for 'model.onnx'", ...
-        raise EngineError(f"{engine_dir}: signature check failed: {str(e).splitlines()[0]}") from None
+    except (ValueError, OSError) as e:
+        raise EngineError(f"{engine_dir}: signature check failed: {_mismatch(str(e))}") from None
+
+
+def _mismatch(message: str) -> str:
+    """The files model-signing names, out of its message (a list's repr, digests and all)."""
+    found = [(what, re.findall(pattern, message)) for what, pattern in (
+        ("changed since signing", r"Hash mismatch for \\*'([^'\\]+)"),
+        ("not signed", r"Extra files found in model \\*'[^']*\\*': ([^'\"\]\\]+)"),
+        ("missing", r"Missing files in model \\*'[^']*\\*': ([^'\"\]\\]+)"))]
+    named = [f"{what}: {', '.join(files)}" for what, files in found if files]
+    return "; ".join(named) if named else message.splitlines()[0][:300]
 
 
 def sign_directory(engine_dir: Path, private_key) -> Path:
@@ -56,20 +67,16 @@ def sign_directory(engine_dir: Path, private_key) -> Path:
     return Path(engine_dir) / SIGNATURE
 
 
-def native_code(manifest: dict) -> list[str]:
-    """What of the engine runs as native code when it is loaded."""
-    carried = []
-    if manifest["backend"] == "aoti":
-        carried.append("an AOTInductor package (compiled code)")
-    if manifest["backend"] == "tensorrt":
-        carried.append("a TensorRT plan (deserialized kernels and plugins)")
+def native_code(manifest: dict, adapter) -> list[str]:
+    """What of the engine runs as native code when `adapter` (the class its backend names) loads it."""
+    carried = [adapter.native_code] if adapter.native_code else []
     if manifest.get("torch_ops"):
         carried.append("torch ops " + ", ".join(manifest["torch_ops"]))
     return carried
 
 
-def refuse_untrusted_native_code(engine_dir: Path, manifest: dict, trusted: bool) -> None:
-    carried = native_code(manifest)
+def refuse_untrusted_native_code(engine_dir: Path, manifest: dict, adapter, trusted: bool) -> None:
+    carried = native_code(manifest, adapter)
     if carried and not trusted:
         raise EngineError(f"{engine_dir}: the engine carries native code ({'; '.join(carried)}), which runs as it "
                           f"loads; to load it, {_WAYS}")

@@ -77,7 +77,7 @@ def test_inspect_shows_ops_and_files(engine_dir):
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["op_histogram"]["MatMul"] > 0 and sum(document["op_histogram"].values()) > 50
-    assert set(document["files"]) == {"model.onnx", "report.json"}
+    assert set(document["files"]) == {"config.json", "genai_config.json", "generation_config.json", "model.onnx", "report.json"}
     text = CliRunner().invoke(cli, ["inspect", str(engine_dir("tiny-gpt2"))]).output
     assert "verified    passed" in text and "file        model.onnx" in text
 

@@ -33,7 +33,7 @@ def test_manifest_lists_every_file_with_its_sha256(engine_dir):
     engine = engine_dir("tiny-gpt2")
     manifest = json.loads((engine / "manifest.json").read_text())
     on_disk = sorted(p.name for p in engine.iterdir() if p.name != "manifest.json")
-    assert sorted(manifest["files"]) == on_disk == ["model.onnx", "report.json"]
+    assert sorted(manifest["files"]) == on_disk == ["config.json", "genai_config.json", "generation_config.json", "model.onnx", "report.json"]
     for name, entry in manifest["files"].items():
         printed = subprocess.run(["sha256sum", name], cwd=engine, capture_output=True, text=True, check=True).stdout
         assert printed.split()[0] == entry["sha256"], name

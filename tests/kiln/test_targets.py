@@ -14,7 +14,7 @@ def test_aoti_cpu_engine_verifies(aoti_engine):
     assert manifest["device"] == "cpu" and manifest["kind"] == "decoder-lm"
     assert sorted(manifest["files"]) == ["config.json", "generation_config.json", "model.pt2", "report.json"]
     assert manifest["interop"]["onnxruntime_genai"] is None  # and says why:
-    assert manifest["interop"]["onnxruntime_genai_reason"] == "onnxruntime-genai runs ONNX graphs; this is an engine of the aoti backend"
+    assert manifest["interop"]["onnxruntime_genai_reason"] == "onnxruntime-genai runs ONNX graphs; this engine's graph is model.pt2"
     assert manifest["verification"]["passed"] is True
     assert manifest["verification"]["logits"]["relative"] <= 1e-3
 

@@ -58,7 +58,7 @@ def test_a_crafted_engine_passes_the_self_check_but_not_a_pin_or_a_signature(sig
     kiln.load(signed).close()  # the manifest's own digest cannot tell
     with pytest.raises(EngineError, match=f"engine digest sha256:[0-9a-f]{{64}} is not the pinned {pinned}"):
         kiln.load(signed, expect_digest=pinned)
-    with pytest.raises(EngineError, match=r"signature check failed: .*extra\.bin"):
+    with pytest.raises(EngineError, match=r"signature check failed: .*not signed: extra\.bin"):
         kiln.load(signed, public_key=keys[0][1])
 
 
@@ -71,17 +71,17 @@ def test_a_signed_engine_verifies_anywhere_and_names_what_changed(signed, keys, 
     data = bytearray((flipped / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 1
     (flipped / "model.onnx").write_bytes(data)
-    with pytest.raises(EngineError, match=r"signature check failed: .*'model\.onnx'"):
+    with pytest.raises(EngineError, match=r"signature check failed: changed since signing: model\.onnx$"):
         kiln.load(flipped, public_key=keys[0][1])
     added = shutil.copytree(signed, tmp_path / "added")
     (added / "notes.txt").write_text("hello")
-    with pytest.raises(EngineError, match=r"signature check failed: .*notes\.txt"):
+    with pytest.raises(EngineError, match=r"signature check failed: not signed: notes\.txt$"):
         kiln.load(added, public_key=keys[0][1])
     swapped = shutil.copytree(engine_dir("tiny-llama"), tmp_path / "swapped")  # signed by the same key, other engine
     sign_directory(swapped, keys[0][0])
     shutil.copy(swapped / "kiln.sig", added / "kiln.sig")
     (added / "notes.txt").unlink()
-    with pytest.raises(EngineError, match=r"signature check failed: .*'(model\.onnx|manifest\.json|report\.json|config\.json)'"):
+    with pytest.raises(EngineError, match=r"signature check failed: changed since signing: .*manifest\.json"):
         kiln.load(added, public_key=keys[0][1])
 
 
