@@ -43,6 +43,8 @@ TINY = dict(
     # GPT-Neo's per-layer attention kinds must add up to its layer count.
     attention_types=[[["global", "local"], 1]],
     num_encoder_layers=2, num_decoder_layers=2,
+    # Looped (recurrent-depth) families split their layers into input, looped and output blocks.
+    n_input_layers=1, n_output_layers=1,
 )
 # Tried in turn when transformers cannot run a family with TINY (None: leave the field to the config):
 # latent-attention families rotate `head_dim` = qk_rope_head_dim and need as many KV heads as query heads;
