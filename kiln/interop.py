@@ -10,6 +10,8 @@ from pathlib import Path
 GENAI_CONFIG = "genai_config.json"
 # Op domains ONNX Runtime runs without a custom-op library (onnxruntime-genai cannot register kiln's).
 _ORT_DOMAINS = {"", "ai.onnx", "com.microsoft"}
+# The engine's first ONNX Runtime provider -> genai's name for it in provider_options (None: the CPU, no entry).
+_GENAI_PROVIDERS = {"CPUExecutionProvider": None, "CUDAExecutionProvider": "cuda"}
 
 
 def write_source_configs(loaded, workdir: Path) -> list[str]:
@@ -27,8 +29,9 @@ def genai_support(loaded, target, graph_path: Path) -> str | None:
     """Why onnxruntime-genai cannot run this engine, or None when it can."""
     if graph_path.suffix != ".onnx":
         return f"onnxruntime-genai runs ONNX graphs; this engine's graph is {graph_path.name}"
-    if target.device not in ("cpu", "cuda"):
-        return f"the engine's device {target.device!r} has no onnxruntime-genai provider here"
+    provider = target.providers[0] if target.providers else None
+    if provider not in _GENAI_PROVIDERS:
+        return f"the engine runs on ONNX Runtime's {provider}, which this genai_config does not set up"
     facts = loaded.facts
     if facts.layer_caches or facts.value_dim != facts.head_dim:
         # genai sizes every layer's cache from one head_size and one num_key_value_heads.
@@ -57,7 +60,8 @@ def genai_config(loaded, graph_file: str, target, max_positions: int | None) -> 
     pad = token("pad_token_id")
     eos = token("eos_token_id")
     context = max_positions or 4096
-    provider_options = [] if target.device == "cpu" else [{"cuda": {}}]
+    genai_provider = _GENAI_PROVIDERS[target.providers[0]]
+    provider_options = [{genai_provider: {}}] if genai_provider else []
     return {
         "model": {
             "type": "decoder",
@@ -96,10 +100,10 @@ def genai_config(loaded, graph_file: str, target, max_positions: int | None) -> 
     }
 
 
-def write_interop_files(loaded, workdir: Path, target, graph_file: str | None, max_positions: int | None) -> dict:
+def write_interop_files(loaded, workdir: Path, target, graph_file: str, max_positions: int | None) -> dict:
     """Write the files above; returns the manifest's `interop` entry (each tool's file, or why it has none)."""
     entry: dict = {"config": write_source_configs(loaded, workdir)}
-    reason = genai_support(loaded, target, workdir / graph_file) if graph_file else "no single model graph"
+    reason = genai_support(loaded, target, workdir / graph_file)
     if reason is None:
         document = genai_config(loaded, graph_file, target, max_positions)
         (workdir / GENAI_CONFIG).write_text(json.dumps(document, indent=2) + "\n")

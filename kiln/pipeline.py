@@ -124,13 +124,6 @@ def convert(
         if backend.recipe is not None:
             with step("optimize"):
                 pass_reports = _optimize(graphs, loaded, request, backend.recipe(target_spec, precision))
-        interop = None
-        if loaded.kind == "decoder-lm":
-            model_graph = graphs.get("model")
-            interop = write_interop_files(
-                loaded, workdir, target_spec,
-                model_graph.path.relative_to(workdir).as_posix() if model_graph else None,
-                loaded.family.max_positions_of(loaded.config))
         fields = {
             "kind": loaded.kind,
             "source": {
@@ -150,7 +143,6 @@ def convert(
                        for role, g in graphs.items()},
             "opset": max(g.opset for g in graphs.values()),
             "tokenizer": tokenizer,
-            **({"interop": interop} if interop else {}),
             "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graphs),
             **backend.manifest_fields(target_spec),
         }
@@ -160,6 +152,9 @@ def convert(
         if backend.build is not None:
             with step("build"):
                 fields.update(backend.build(graphs, workdir, loaded, request))
+        if loaded.kind == "decoder-lm":  # after the build: its file (a TensorRT plan, say) is the engine's graph
+            fields["interop"] = write_interop_files(loaded, workdir, target_spec, fields["graphs"]["model"]["file"],
+                                                    loaded.family.max_positions_of(loaded.config))
         write_manifest(workdir, dict(fields, steps=steps, verification={"skipped": True}))
         import runtimes
 

@@ -39,3 +39,16 @@ def test_onnxruntime_genai_generates_the_engines_greedy_tokens(engine_dir, prese
                 generator.generate_next_token()
                 got.append(int(generator.get_next_tokens()[0]))
             assert got == want, prompt
+
+
+def test_genai_config_is_written_only_where_genai_can_run_the_graph():
+    from pathlib import Path
+
+    from kiln.interop import genai_support
+    from kiln.targets import target_named
+
+    # A TensorRT plan replaces the ONNX graph; MIGraphX is no provider genai_config is written for here.
+    assert genai_support(None, target_named("tensorrt", "fp16"), Path("engine.plan")) == \
+        "onnxruntime-genai runs ONNX graphs; this engine's graph is engine.plan"
+    assert genai_support(None, target_named("rocm", "fp16"), Path("model.onnx")) == \
+        "the engine runs on ONNX Runtime's MIGraphXExecutionProvider, which this genai_config does not set up"
