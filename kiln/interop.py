@@ -59,7 +59,7 @@ def genai_config(loaded, graph_file: str, target, max_positions: int | None) -> 
 
     pad = token("pad_token_id")
     eos = token("eos_token_id")
-    context = max_positions or 4096
+    context = max_positions or 4096  # genai requires one; a model that declares no position limit gets this
     genai_provider = _GENAI_PROVIDERS[target.providers[0]]
     provider_options = [{genai_provider: {}}] if genai_provider else []
     return {
