@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes.engine_dir import MANIFEST
+from runtimes.foreign import is_foreign
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def engine_candidate(engine_dir: Path, threads: int, label: str | None = None, t
     from kiln.backends import backend_named
     from runtimes.engine_dir import graph_entries, read_manifest
 
-    if not (Path(engine_dir) / MANIFEST).exists():
+    if is_foreign(engine_dir):
         return foreign_candidate(Path(engine_dir), threads, label)
     manifest = read_manifest(engine_dir)
     backend = backend_named(manifest["backend"])

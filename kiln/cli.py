@@ -400,10 +400,11 @@ def verify(ctx, engine_dir, source, precision, as_json, trust):
     import runtimes
     from kiln.reference import load_reference
     from kiln.verify import VerificationInputs, compare
-    from runtimes.engine_dir import MANIFEST, read_manifest
+    from runtimes.engine_dir import read_manifest
+    from runtimes.foreign import is_foreign
 
     _json_mode(ctx, as_json)
-    if source is not None or (Path(engine_dir).is_dir() and not (Path(engine_dir) / MANIFEST).exists()):
+    if source is not None or is_foreign(engine_dir):
         _verify_against(engine_dir, source, precision, as_json, trust)
         return
     manifest = read_manifest(engine_dir)

@@ -100,9 +100,12 @@ def genai_config(loaded, graph_file: str, target, max_positions: int | None) -> 
     }
 
 
-def write_interop_files(loaded, workdir: Path, target, graph_file: str, max_positions: int | None) -> dict:
-    """Write the files above; returns the manifest's `interop` entry (each tool's file, or why it has none)."""
+def write_decoder_files(loaded, workdir: Path, target, graphs: dict) -> dict:
+    """Write the files above; returns the manifest's `interop` entry (each tool's file, or why it has none).
+    `graphs` is the manifest's entry: role -> file (after the build: a TensorRT plan, say, replaces the ONNX)."""
     entry: dict = {"config": write_source_configs(loaded, workdir)}
+    graph_file = graphs["model"]["file"]
+    max_positions = loaded.family.max_positions_of(loaded.config)
     reason = genai_support(loaded, target, workdir / graph_file)
     if reason is None:
         document = genai_config(loaded, graph_file, target, max_positions)
@@ -112,3 +115,7 @@ def write_interop_files(loaded, workdir: Path, target, graph_file: str, max_posi
         entry["onnxruntime_genai"] = None
         entry["onnxruntime_genai_reason"] = reason
     return entry
+
+
+# Model kind -> what it writes for other tools; a kind without an entry writes nothing.
+WRITERS = {"decoder-lm": write_decoder_files}

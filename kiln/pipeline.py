@@ -20,7 +20,7 @@ from typing import Callable
 from kiln.backends import BuildRequest, backend_of, refuse_unhosted_passes
 from kiln.calibration import read_calibration
 from kiln.errors import KilnError, VerificationFailed
-from kiln.interop import write_interop_files
+from kiln.interop import WRITERS as INTEROP_WRITERS
 from kiln.manifest import write_json, write_manifest
 from kiln.onnxscript_fixes import add_complex_unsqueeze, make_no_op_rules_exact
 from kiln.reference import reference_predictor
@@ -152,9 +152,8 @@ def convert(
         if backend.build is not None:
             with step("build"):
                 fields.update(backend.build(graphs, workdir, loaded, request))
-        if loaded.kind == "decoder-lm":  # after the build: its file (a TensorRT plan, say) is the engine's graph
-            fields["interop"] = write_interop_files(loaded, workdir, target_spec, fields["graphs"]["model"]["file"],
-                                                    loaded.family.max_positions_of(loaded.config))
+        if loaded.kind in INTEROP_WRITERS:  # after the build, whose files are the engine's graphs
+            fields["interop"] = INTEROP_WRITERS[loaded.kind](loaded, workdir, target_spec, fields["graphs"])
         write_manifest(workdir, dict(fields, steps=steps, verification={"skipped": True}))
         import runtimes
 

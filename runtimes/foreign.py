@@ -11,6 +11,7 @@ from typing import Mapping
 import numpy as np
 
 from runtimes.decoder_lm import PAST_PREFIX, PRESENT_PREFIX
+from runtimes.engine_dir import MANIFEST
 from runtimes.errors import EngineError
 from runtimes.generate import DecoderLMPredictor
 from runtimes.predictor import Predictor
@@ -18,6 +19,11 @@ from runtimes.signature import Signature, TensorSpec
 from runtimes.tokenizer import load_tokenizer
 
 NOT_BUILT_BY_KILN = "not built by torchkiln: no verification record"
+
+
+def is_foreign(folder) -> bool:
+    """A folder without torchkiln's manifest: another tool's model folder, opened by `load_foreign`."""
+    return Path(folder).is_dir() and not (Path(folder) / MANIFEST).exists()
 
 
 def foreign_graph_file(folder: Path) -> Path | None:

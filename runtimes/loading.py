@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from runtimes.engine_dir import MANIFEST, check_files, engine_device, engine_kind, graph_entries, read_manifest
-from runtimes.foreign import load_foreign
+from runtimes.foreign import is_foreign, load_foreign
 from runtimes.errors import EngineError
 from runtimes.predictor import Predictor
 from runtimes.tokenizer import load_tokenizer
@@ -45,7 +45,7 @@ def load(engine_dir, device: str | None = None, *, expect_digest: str | None = N
     go to the adapter (for ONNX Runtime: `threads`, `optimization_level`, `providers`, `allow_spinning`).
     """
     engine_dir = Path(engine_dir)
-    if engine_dir.is_dir() and not (engine_dir / MANIFEST).exists():
+    if is_foreign(engine_dir):
         if expect_digest or public_key:
             raise EngineError(f"{engine_dir}: no {MANIFEST} (not built by torchkiln): nothing to pin or check a signature of")
         return load_foreign(engine_dir, device, **backend_options)  # an Optimum or genai folder, say
