@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from runtimes.engine_dir import max_positions
 from runtimes.foreign import is_foreign
 
 
@@ -58,7 +59,7 @@ def engine_candidate(engine_dir: Path, threads: int, label: str | None = None, t
     config = manifest["source"]["config"]
     return Candidate(
         label or f"{Path(engine_dir).name} ({manifest['target']}/{manifest['precision']})", predictor, str(engine_dir),
-        sum(entry["bytes"] for entry in manifest["files"].values()), weights, _max_positions(manifest),
+        sum(entry["bytes"] for entry in manifest["files"].values()), weights, max_positions(manifest),
         config["vocab_size"],
     )
 
@@ -94,15 +95,7 @@ def reference_candidate(engine_dir: Path, threads: int, compiled: bool = False) 
         for graph in predictor.graphs.values():
             graph.function = torch.compile(graph.function, dynamic=True)
     label = "torch.compile" if compiled else "pytorch eager"
-    return Candidate(label, predictor, None, 0, 0, _max_positions(manifest), manifest["source"]["config"]["vocab_size"])
-
-
-def _max_positions(manifest: dict) -> int | None:
-    source = manifest["source"]
-    if "max_positions" in source:
-        return source["max_positions"]
-    config = source["config"]  # engines of schema 1
-    return config.get("n_positions") or config.get("max_position_embeddings")
+    return Candidate(label, predictor, None, 0, 0, max_positions(manifest), manifest["source"]["config"]["vocab_size"])
 
 
 def read_bandwidth(threads: int, megabytes: int = 512, repeats: int = 7) -> float:

@@ -477,6 +477,49 @@ def sign(ctx, engine_dir, key, as_json):
         click.echo(f"signed {engine_dir} ({engine_digest(manifest)}): {signature}")
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Sequences decoded together.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Requests waiting beyond a full batch; more get HTTP 429.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads of the engine [default: the backend's].")
+@click.option("--api-key-file", type=click.Path(path_type=Path),
+              help="Require `Authorization: Bearer KEY` with a key from this file (one per line); /health stays open.")
+@click.option("--open-metrics", is_flag=True, help="With --api-key-file: serve /metrics without a key.")
+@click.option("--chat-template", type=click.Path(path_type=Path), help="Jinja chat template replacing the tokenizer's.")
+@click.option("--model-name", help="The model id the API reports [default: the engine folder's name].")
+@click.option("--ray", "on_ray", is_flag=True, help="Run as a Ray Serve deployment (RAY_ADDRESS, or a local Ray).")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="With --ray: replicas.")
+@click.option("--autoscale", metavar="MIN,MAX", help="With --ray: autoscale between MIN and MAX replicas.")
+@_trust_options
+@click.pass_context
+def serve(ctx, engine_dir, host, port, max_batch, max_queue, threads, api_key_file, open_metrics, chat_template,
+          model_name, on_ray, replicas, autoscale, trust):
+    """Serve an engine over an OpenAI-compatible HTTP API with continuous batching (SIGTERM drains)."""
+    from kiln.serve import ServeOptions, build_app, load_api_keys
+
+    options = ServeOptions(max_batch=max_batch, max_queue=max_queue, open_metrics=open_metrics,
+                           api_keys=load_api_keys(api_key_file) if api_key_file else (), model_name=model_name,
+                           chat_template=chat_template)
+    load_options = {**trust, **({"threads": threads} if threads else {})}
+    if on_ray:
+        from kiln.serve.ray_deployment import parse_autoscale, run_on_ray
+
+        bounds = parse_autoscale(autoscale) if autoscale else None
+        click.echo(f"kiln serve: {engine_dir} on Ray Serve at http://{host}:{port} (Ctrl-C stops)", err=True)
+        run_on_ray(engine_dir, options, load_options, host=host, port=port, replicas=replicas, autoscale=bounds)
+        return
+    import uvicorn
+
+    app = build_app(engine_dir, options, **load_options)  # loaded and checked before the port opens
+    click.echo(f"kiln serve: {engine_dir} at http://{host}:{port}/v1 (SIGTERM or Ctrl-C drains and stops)", err=True)
+    # uvicorn handles SIGTERM (drains, then re-raises it once done): a drained server then exits 0, not 143.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @cli.command()
 @click.argument("engine_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--reference", is_flag=True, help="Also measure the first engine's source model in PyTorch eager (the baseline).")

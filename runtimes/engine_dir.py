@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtimes.errors import EngineError
@@ -36,6 +37,11 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def engine_digest(manifest: dict) -> str:
+    """The engine's identity: sha256 of its manifest, which lists the sha256 of every file."""
+    return "sha256:" + manifest_digest(manifest)
+
+
 def read_manifest(engine_dir: Path) -> dict:
     """The parsed manifest of `engine_dir`; EngineError if it is absent, unreadable or too new."""
     engine_dir = Path(engine_dir)
@@ -63,6 +69,45 @@ def read_manifest(engine_dir: Path) -> dict:
     if manifest_digest(manifest) != manifest["manifest_sha256"]:
         raise EngineError(f"{path}: edited after the engine was built (its manifest_sha256 does not match); refusing it")
     return manifest
+
+
+@dataclass(frozen=True)
+class GenerationFacts:
+    """What decoding needs of an engine beyond its graphs."""
+
+    digest: str | None  # None for a folder torchkiln did not build
+    max_positions: int | None  # the model's context; None when its config declares none
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    tokenizer_folder: str | None
+
+
+def max_positions(manifest: dict) -> int | None:
+    source = manifest["source"]
+    if "max_positions" in source:
+        return source["max_positions"]
+    return _config_positions(source["config"])  # engines of schema 1
+
+
+def engine_facts(engine_dir: Path) -> GenerationFacts:
+    """GenerationFacts from the manifest, or from the config.json of a folder without one (Optimum, genai)."""
+    engine_dir = Path(engine_dir)
+    if (engine_dir / MANIFEST).is_file():
+        manifest = read_manifest(engine_dir)
+        config, digest, positions = manifest["source"]["config"], engine_digest(manifest), max_positions(manifest)
+        tokenizer = manifest.get("tokenizer")
+    else:
+        path = engine_dir / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        digest, positions, tokenizer = None, _config_positions(config), "."
+    eos = config.get("eos_token_id")
+    eos = () if eos is None else tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+    pad = config.get("pad_token_id")
+    return GenerationFacts(digest, positions, eos, int(pad) if isinstance(pad, int) else 0, tokenizer)
+
+
+def _config_positions(config: dict) -> int | None:
+    return config.get("n_positions") or config.get("max_position_embeddings")
 
 
 def graph_entries(manifest: dict) -> dict[str, dict]:

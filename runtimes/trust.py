@@ -14,16 +14,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from runtimes.engine_dir import SIGNATURE, manifest_digest
+from runtimes.engine_dir import SIGNATURE, engine_digest
 from runtimes.errors import EngineError
 
 _WAYS = "pin its digest (expect_digest / --expect-digest), check its signature (public_key / --public-key), " \
         "or pass trust_native_code=True (--trust-native-code)"
-
-
-def engine_digest(manifest: dict) -> str:
-    """The engine's identity: sha256 of its manifest, which lists the sha256 of every file."""
-    return "sha256:" + manifest_digest(manifest)
 
 
 def check_pinned_digest(engine_dir: Path, manifest: dict, expected: str) -> None:

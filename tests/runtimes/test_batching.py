@@ -1,0 +1,47 @@
+"""Continuous batching: rows that join and leave a running batch get exactly the tokens they get alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import runtimes
+from runtimes.batching import ContinuousBatch, Sampling, Sequence
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])  # learned positions; rotary with GQA
+def test_rows_joining_and_leaving_decode_as_they_would_alone(engine_dir, preset):
+    with runtimes.load(engine_dir(preset), threads=1) as engine:
+        vocab = engine.signature.outputs[0].shape[-1]
+        rng = np.random.default_rng(0)
+        jobs = []
+        for i, length in enumerate((3, 11, 1, 7, 16, 5)):
+            sampling = Sampling(do_sample=True, temperature=0.8, top_k=20, seed=i) if i % 2 else Sampling()
+            jobs.append((rng.integers(0, vocab, size=length).tolist(), 3 + 2 * i, sampling))
+        alone = [engine.generate([p], n, do_sample=s.do_sample, temperature=s.temperature, top_k=s.top_k,
+                                 seed=s.seed)[0].tolist() for p, n, s in jobs]
+
+        batch = ContinuousBatch(engine)
+        sequences = [Sequence(p, n, s) for p, n, s in jobs]
+        arrivals = {0: sequences[:2], 2: sequences[2:3], 3: sequences[3:5], 7: sequences[5:]}
+        widths = []
+        for step in range(40):
+            batch.step(arrivals.get(step, []))
+            widths.append(batch.mask.shape[1])
+        assert len(batch) == 0 and batch.mask.shape == (0, 0)  # everyone finished and left
+        for sequence, expected in zip(sequences, alone):
+            assert sequence.finish_reason == "length"
+            assert sequence.tokens == expected
+        # The batch narrows when its longest rows leave (padding columns no row needs are dropped).
+        assert any(later < earlier for earlier, later in zip(widths, widths[1:]) if later)
+
+
+def test_an_eos_token_finishes_a_row_without_being_kept(engine_dir):
+    with runtimes.load(engine_dir("tiny-gpt2"), threads=1) as engine:
+        first = engine.generate([[5, 6, 7]], 4)[0].tolist()
+        eos = first[2]
+        sequence = Sequence([5, 6, 7], 10, eos_token_ids=(eos,))
+        batch = ContinuousBatch(engine)
+        batch.step([sequence])
+        while len(batch):
+            batch.step()
+        assert sequence.finish_reason == "stop" and sequence.tokens == first[: first.index(eos)]
