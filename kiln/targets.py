@@ -31,7 +31,7 @@ TARGETS = {
                "ONNX Runtime's TensorRT provider: TensorRT fuses at session start, no plan to manage",
                providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), gpu="nvidia"),
         Target("tensorrt", "tensorrt", "cuda", ("fp16", "fp32", "bf16"), "TensorRT plan (engine.plan) on an NVIDIA GPU",
-               gpu="nvidia"),
+               recipe="tensorrt", gpu="nvidia"),
         Target("aoti-cpu", "aoti", "cpu", ("fp32",), "AOTInductor package (model.pt2) on the CPU"),
         Target("aoti-cuda", "aoti", "cuda", ("fp32",), "AOTInductor package on an NVIDIA GPU", gpu="nvidia"),
         Target("aoti-rocm", "aoti", "cuda", ("fp32",), "AOTInductor package on an AMD GPU (ROCm build of torch)", gpu="amd"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from kiln.backends.onnxruntime import capture_onnx
+from kiln.backends.onnxruntime import capture_onnx, recipe
 from kiln.backends.record import Backend, BuildRequest
 
 
@@ -31,7 +31,7 @@ BACKEND = Backend(
     name="tensorrt",
     adapter="runtimes.tensorrt_adapter:TensorRTPredictor",
     capture=capture_onnx,
-    recipe=lambda target, precision: ["cleanup"],
+    recipe=recipe,  # the target's row: cleanup, and fp16 casts the graph (TensorRT 11 builds strongly typed)
     optional_passes=("kiln_attention",),
     build=build_plan,
     missing_on_host=missing_tensorrt,
