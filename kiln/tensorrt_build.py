@@ -375,15 +375,16 @@ def build_engine_files(
     """The tensorrt target's build step: `engine_dir/engine.plan` from the captured (optimized) ONNX.
 
     `profile` is the CLI's `batch=..,sequence=..,past=..` text. Returns the manifest fields to merge:
-    the graph's entry (the plan, and the ONNX's dim names, which a plan forgets) and `tensorrt` (what
-    the plan is tied to, its profile and cache key). The ONNX files are left for the caller to remove.
+    the graph's entry (the plan, and the ONNX's dim names, which a plan forgets), `tensorrt` (what the
+    plan is tied to and its cache key) and `profile` (each dim's [min, opt, max], which verification's
+    inputs keep inside). The ONNX files are left for the caller to remove.
     """
     signature = onnx_signature(onnx_path)
     ranges = parse_profile(profile, max_positions)
     shapes = profile_shapes(signature, ranges)
     report = build_or_reuse_plan(onnx_path, Path(engine_dir) / PLAN_FILE, [shapes], precision, cache_dir, plugin_ptx)
-    profile_record = {name: [r.min, r.opt, r.max] for name, r in ranges.dims().items()}
     return {
         "graph": {"file": PLAN_FILE, "signature": signature.to_json()},
-        "tensorrt": dict(report.to_json(), profile=profile_record),
+        "tensorrt": report.to_json(),
+        "profile": ranges.to_json(),
     }

@@ -18,7 +18,7 @@ def build_plan(captured: dict, workdir: Path, loaded, request: BuildRequest) -> 
                                 max_positions=loaded.family.max_positions_of(loaded.config))
     for path in (graph.path, graph.path.with_name(graph.path.name + ".data")):
         path.unlink(missing_ok=True)
-    return {"graphs": {"model": fields["graph"]}, "tensorrt": fields["tensorrt"]}
+    return {"graphs": {"model": fields["graph"]}, "tensorrt": fields["tensorrt"], "profile": fields["profile"]}
 
 
 def missing_tensorrt(target) -> str | None:

@@ -62,6 +62,14 @@ def test_defaults_shrink_to_the_model_positions():
     assert profile.batch == DEFAULT_PROFILE.batch
 
 
+def test_past_and_sequence_together_stay_within_the_model_positions():
+    """The mask's range (total_sequence) is capped: a long prompt after a long past is beyond the model."""
+    assert parse_profile(None, max_positions=256).total_sequence == DimRange(1, 256, 256)
+    assert parse_profile(None, max_positions=1024).total_sequence == DimRange(1, 513, 1024)
+    assert parse_profile("sequence=1:64:128,past=0:64:200", max_positions=256).total_sequence == DimRange(1, 128, 256)
+    assert parse_profile(None).total_sequence == DimRange(1, 513, 2048)  # no model: past max + sequence max
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
