@@ -144,7 +144,7 @@ def convert(
             "opset": max(g.opset for g in graphs.values()),
             "tokenizer": tokenizer,
             "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graphs),
-            **backend.manifest_fields(target_spec),
+            **backend.manifest_fields(request, graphs, loaded),
         }
         torch_ops = sorted({op for g in graphs.values() for op in g.torch_ops})
         if torch_ops:
