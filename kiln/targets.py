@@ -54,9 +54,10 @@ def missing_on_host(target: Target) -> str | None:
     """Why this machine cannot build and verify `target`'s engines, or None when it can."""
     from kiln.backends import backend_of
 
-    missing = backend_of(target).missing_on_host(target)
-    if missing or target.gpu is None:
-        return missing
+    backend = backend_of(target)
+    missing = backend.missing_on_host(target)
+    if missing or target.gpu is None or not backend.runs_on_torch:
+        return missing  # an ONNX Runtime GPU engine needs its provider, not a GPU build of torch
     import torch
 
     platform = "ROCm (HIP)" if target.gpu == "amd" else "CUDA"

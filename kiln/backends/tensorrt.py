@@ -35,4 +35,5 @@ BACKEND = Backend(
     optional_passes=("kiln_attention",),
     build=build_plan,
     missing_on_host=missing_tensorrt,
+    runs_on_torch=True,  # torch holds the engine's device buffers and stream
 )
