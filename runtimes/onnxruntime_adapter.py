@@ -34,6 +34,11 @@ PROVIDER_LIBRARIES = {
 # Cache switches in the manifest's provider options -> the option naming the folder, which is this machine's.
 CACHE_FOLDER_OPTIONS = {"trt_engine_cache_enable": "trt_engine_cache_path",
                         "trt_timing_cache_enable": "trt_timing_cache_path"}
+# The provider options a manifest may carry (those kiln.backends.onnxruntime records). Others are refused: some
+# name libraries or folders to load from (trt_engine_decryption_lib_path), which would run code the engine's
+# trust gate never saw; folders are set here, for this machine.
+RECORDED_OPTIONS = frozenset({"use_tf32", "trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes",
+                              "trt_engine_cache_enable", "trt_timing_cache_enable"})
 # Providers with no per-session TF32 switch: NVIDIA_TF32_OVERRIDE=0 (read by the CUDA libraries) turns it off.
 TF32_BY_ENVIRONMENT = ("TensorrtExecutionProvider",)
 
@@ -114,6 +119,10 @@ def session_provider_options(manifest: dict, providers: Sequence[str], device: s
     result = {}
     for provider in providers:
         options = {k: str(v) for k, v in recorded.get(provider, {}).items()}
+        unknown = sorted(set(options) - RECORDED_OPTIONS)
+        if unknown:
+            raise EngineError(f"manifest field 'provider_options' sets {', '.join(unknown)} for {provider}: expected "
+                              f"only {', '.join(sorted(RECORDED_OPTIONS))}; refusing the engine")
         if provider != CPU_PROVIDER and index:
             options["device_id"] = index
         for switch, folder_option in CACHE_FOLDER_OPTIONS.items():

@@ -16,6 +16,7 @@ import kiln
 from kiln.cli import cli
 from kiln.targets import TARGETS
 from runtimes.decoder_lm import prefill_feeds
+from runtimes.errors import EngineError
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor, provider_load_problem
 from tests.runtimes.ort_standin import StandInGpuProviders, engine_for_target
 
@@ -92,6 +93,17 @@ def test_ort_tensorrt_gets_its_profile_caches_tf32_and_gpu(monkeypatch, engine_d
     import os
 
     assert os.environ["NVIDIA_TF32_OVERRIDE"] == "0"  # TensorRT's provider has no TF32 option of its own
+
+
+def test_a_manifest_cannot_name_a_library_for_a_provider_to_load(monkeypatch, engine_dir, tmp_path):
+    """Provider options that load code or read folders are this machine's to set, never an engine's."""
+    StandInGpuProviders(monkeypatch, ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    crafted = {"TensorrtExecutionProvider": {"trt_engine_decryption_enable": "1",
+                                             "trt_engine_decryption_lib_path": "/tmp/anything.so"}}
+    engine = engine_for_target(engine_dir("tiny-gpt2"), tmp_path / "e", TARGETS["ort-tensorrt"], provider_options=crafted)
+    with pytest.raises(EngineError, match="sets trt_engine_decryption_enable, "
+                       "trt_engine_decryption_lib_path for TensorrtExecutionProvider: expected only"):
+        kiln.load(engine)
 
 
 def test_migraphx_sees_a_few_bucketed_shapes_and_gives_the_same_tokens(monkeypatch, engine_dir, tmp_path, cpu_tokens):
