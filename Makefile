@@ -27,8 +27,8 @@ help:
 	@echo "make plugins-torch-cuda  compile the torch op's GPU half against torch's headers (a check; no GPU needed)"
 	@echo "make cpu       convert MODEL=$(MODEL) for ONNX Runtime on the CPU (PRECISION=$(PRECISION)) into build/, verified"
 	@echo "make aoti      the same as an AOTInductor package for the CPU"
-	@echo "make cuda      the same for ONNX Runtime's CUDA provider (needs an NVIDIA GPU)"
-	@echo "make rocm      the same for ONNX Runtime's MIGraphX provider (needs an AMD GPU with ROCm)"
+	@echo "make cuda      the same for ONNX Runtime's CUDA provider: installs onnxruntime-gpu[cuda,cudnn] (needs an NVIDIA GPU)"
+	@echo "make rocm      the same for ONNX Runtime's MIGraphX provider: installs onnxruntime-migraphx (needs an AMD GPU with ROCm and MIGraphX)"
 	@echo "make tensorrt  the same as a TensorRT plan (needs an NVIDIA GPU and TensorRT)"
 	@echo "make bench     convert gpt2 (ONNX fp32/int8/int4, AOTInductor) and measure beside eager and torch.compile (README table)"
 	@echo "make interop   kiln engines in Optimum's ORTModelForCausalLM (own venv: it pins transformers < 4.58), Optimum and genai folders in kiln"
@@ -78,17 +78,34 @@ aoti: install
 # The GPU targets check for their hardware before installing anything, so they fail fast elsewhere.
 NO_NVIDIA = { echo "make $@: no NVIDIA GPU on this machine (nvidia-smi lists none); the $@ target needs one" >&2; exit 2; }
 
+# onnxruntime and its GPU builds install the same `onnxruntime` package: the CPU one goes first (and comes back
+# when the GPU one cannot be installed), keeping the pinned torch.
+RESTORE_CPU_ORT = $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt onnxruntime
+HAS_PROVIDER = $(BIN)/python -c "import onnxruntime, sys; sys.exit(sys.argv[1] not in onnxruntime.get_available_providers())"
+
+# onnxruntime-gpu's cuda and cudnn extras bring CUDA's and cuDNN's libraries as nvidia-* wheels; the adapter
+# loads them with onnxruntime.preload_dlls, and refuses a session that fell back to the CPU, naming the
+# library that did not load.
 cuda:
 	@nvidia-smi -L >/dev/null 2>&1 || $(NO_NVIDIA)
 	$(MAKE) install
-	# onnxruntime and onnxruntime-gpu cannot coexist: swap them, keeping the pinned torch.
 	$(BIN)/python -m pip uninstall -y -q onnxruntime
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt onnxruntime-gpu
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt 'onnxruntime-gpu[cuda,cudnn]' || \
+	  { $(RESTORE_CPU_ORT); echo "make cuda: onnxruntime-gpu[cuda,cudnn] did not install (see pip above); onnxruntime (CPU) is back" >&2; exit 2; }
+	@$(HAS_PROVIDER) CUDAExecutionProvider || \
+	  { echo "make cuda: the onnxruntime installed lists no CUDAExecutionProvider" >&2; exit 2; }
 	$(BIN)/kiln convert $(MODEL) --target cuda --precision $(PRECISION) --force
 
+# ONNX Runtime's ROCm provider was removed in 1.23: the rocm target runs MIGraphX's, from onnxruntime-migraphx,
+# which loads MIGraphX and ROCm from the system (AMD's packages: migraphx, rocm), not from pip.
 rocm:
 	@test -e /dev/kfd || { echo "make rocm: no AMD GPU on this machine (no /dev/kfd); the rocm target needs one with ROCm" >&2; exit 2; }
 	$(MAKE) install
+	$(BIN)/python -m pip uninstall -y -q onnxruntime
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt onnxruntime-migraphx || \
+	  { $(RESTORE_CPU_ORT); echo "make rocm: no onnxruntime-migraphx wheel installs here (see pip above): build ONNX Runtime with --use_migraphx against this machine's ROCm; onnxruntime (CPU) is back" >&2; exit 2; }
+	@$(HAS_PROVIDER) MIGraphXExecutionProvider || \
+	  { echo "make rocm: the onnxruntime installed lists no MIGraphXExecutionProvider: it cannot run the rocm target" >&2; exit 2; }
 	$(BIN)/kiln convert $(MODEL) --target rocm --precision $(PRECISION) --force
 
 tensorrt:

@@ -78,6 +78,11 @@ def _trust_options(command):
     return with_trust
 
 
+def _device_option(command):
+    return click.option("--device", help="Run on this device instead of the engine's own (its manifest's), "
+                        "e.g. cuda:1 for the second GPU.")(command)
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("spec")
 @click.option("--target", default="cpu", show_default=True, help="Where the engine runs (see kiln.targets).")
@@ -298,9 +303,10 @@ def families(as_json):
 @click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path), help=".npz with one array per input name.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the outputs [default: outputs.npz].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_device_option
 @_trust_options
 @click.pass_context
-def predict(ctx, engine_dir, inputs_path, output, as_json, trust):
+def predict(ctx, engine_dir, inputs_path, output, as_json, device, trust):
     """Run one forward pass of an engine on the arrays in an .npz file; write the outputs to an .npz."""
     import numpy as np
 
@@ -313,7 +319,7 @@ def predict(ctx, engine_dir, inputs_path, output, as_json, trust):
             feeds = {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as e:
         raise KilnError(f"{inputs_path}: cannot read as .npz ({e})") from None
-    with runtimes.load(engine_dir, **trust) as engine:
+    with runtimes.load(engine_dir, device, **trust) as engine:
         outputs = engine.predict(feeds)
     output = output or Path("outputs.npz")
     np.savez(output, **outputs)
@@ -338,10 +344,11 @@ def predict(ctx, engine_dir, inputs_path, output, as_json, trust):
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of streaming.")
+@_device_option
 @_trust_options
 @click.pass_context
 def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temperature, top_k, top_p,
-             repetition_penalty, seed, as_json, trust):
+             repetition_penalty, seed, as_json, device, trust):
     """Generate from a prompt, printing tokens as they come."""
     import time
 
@@ -360,7 +367,7 @@ def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temper
     else:
         prompts = prompt
     eos = read_manifest(engine_dir)["source"]["config"].get("eos_token_id")
-    with runtimes.load(engine_dir, **trust) as engine:
+    with runtimes.load(engine_dir, device, **trust) as engine:
         text = engine.tokenizer is not None and prompt is not None
         produced: list[int] = []
         shown = ""
@@ -393,9 +400,10 @@ def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temper
 @click.option("--precision", default="fp32", show_default=True,
               help="The tolerance --against judges by (the folder has no manifest to say): fp32, fp16, bf16, int8, int4.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_device_option
 @_trust_options
 @click.pass_context
-def verify(ctx, engine_dir, source, precision, as_json, trust):
+def verify(ctx, engine_dir, source, precision, as_json, device, trust):
     """Check an engine's files against its manifest, then re-run its fidelity check against PyTorch."""
     import runtimes
     from kiln.reference import load_reference
@@ -405,12 +413,12 @@ def verify(ctx, engine_dir, source, precision, as_json, trust):
 
     _json_mode(ctx, as_json)
     if source is not None or is_foreign(engine_dir):
-        _verify_against(engine_dir, source, precision, as_json, trust)
+        _verify_against(engine_dir, source, precision, as_json, dict(trust, device=device))
         return
     manifest = read_manifest(engine_dir)
     stored = manifest["verification"].get("inputs")
     inputs = VerificationInputs(**stored) if stored else VerificationInputs()
-    with runtimes.load(engine_dir, **trust) as engine:
+    with runtimes.load(engine_dir, device, **trust) as engine:
         report = compare(engine, load_reference(engine_dir), manifest["source"]["config"]["vocab_size"],
                          manifest["precision"], inputs)
     if not report["passed"]:

@@ -144,7 +144,7 @@ def convert(
             "opset": max(g.opset for g in graphs.values()),
             "tokenizer": tokenizer,
             "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graphs),
-            **backend.manifest_fields(target_spec),
+            **backend.manifest_fields(request, graphs, loaded),
         }
         torch_ops = sorted({op for g in graphs.values() for op in g.torch_ops})
         if torch_ops:
@@ -163,7 +163,8 @@ def convert(
             if verify:
                 with step("verify"):
                     reference = reference_predictor(loaded, {role: g.signature for role, g in engine.graphs.items()})
-                    report = compare(engine, reference, loaded.facts.vocab_size, precision, verification_inputs(loaded))
+                    report = compare(engine, reference, loaded.facts.vocab_size, precision,
+                                     verification_inputs(loaded, fields.get("profile")))
             else:
                 report = {"skipped": True, "passed": None}
         if report.get("passed") is False:
@@ -260,8 +261,9 @@ def _error_by_pass(loaded, scratch: Path, backend, request: BuildRequest, passes
     return figures
 
 
-def verification_inputs(loaded) -> VerificationInputs:
-    return VerificationInputs().within(loaded.family.max_positions_of(loaded.config))
+def verification_inputs(loaded, profile: dict | None = None) -> VerificationInputs:
+    """The default inputs, fitted to the model's positions and to the engine's `profile` (its shape ranges)."""
+    return VerificationInputs().within(loaded.family.max_positions_of(loaded.config)).within_profile(profile)
 
 
 def _blame(figures: list[dict]) -> str:

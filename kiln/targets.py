@@ -31,7 +31,7 @@ TARGETS = {
                "ONNX Runtime's TensorRT provider: TensorRT fuses at session start, no plan to manage",
                providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), gpu="nvidia"),
         Target("tensorrt", "tensorrt", "cuda", ("fp16", "fp32", "bf16"), "TensorRT plan (engine.plan) on an NVIDIA GPU",
-               gpu="nvidia"),
+               recipe="tensorrt", gpu="nvidia"),
         Target("aoti-cpu", "aoti", "cpu", ("fp32",), "AOTInductor package (model.pt2) on the CPU"),
         Target("aoti-cuda", "aoti", "cuda", ("fp32",), "AOTInductor package on an NVIDIA GPU", gpu="nvidia"),
         Target("aoti-rocm", "aoti", "cuda", ("fp32",), "AOTInductor package on an AMD GPU (ROCm build of torch)", gpu="amd"),
@@ -54,9 +54,10 @@ def missing_on_host(target: Target) -> str | None:
     """Why this machine cannot build and verify `target`'s engines, or None when it can."""
     from kiln.backends import backend_of
 
-    missing = backend_of(target).missing_on_host(target)
-    if missing or target.gpu is None:
-        return missing
+    backend = backend_of(target)
+    missing = backend.missing_on_host(target)
+    if missing or target.gpu is None or not backend.runs_on_torch:
+        return missing  # an ONNX Runtime GPU engine needs its provider, not a GPU build of torch
     import torch
 
     platform = "ROCm (HIP)" if target.gpu == "amd" else "CUDA"

@@ -23,7 +23,6 @@ from plugins.onnx_node import tag_plugin_nodes
 from runtimes.signature import Signature, TensorSpec
 
 PLAN_FILE = "engine.plan"
-TIMING_CACHE_FILE = "timing.cache"
 NOT_INSTALLED = "TensorRT is not installed: pip install tensorrt on a machine with an NVIDIA GPU"
 
 def onnx_signature(onnx_path: Path) -> Signature:
@@ -45,9 +44,17 @@ def onnx_signature(onnx_path: Path) -> Signature:
 class PrecisionFlags:
     builder_flags: tuple[str, ...]  # names of trt.BuilderFlag members to set
     strongly_typed: bool  # the network keeps the ONNX graph's types; precision is in the graph
+    cleared_flags: tuple[str, ...] = ()  # names of trt.BuilderFlag members to clear (TF32 is on by default)
+
+    @property
+    def tf32(self) -> bool:
+        """Whether fp32 matmuls may round their inputs to TF32 (10 mantissa bits): recorded in the manifest."""
+        return "TF32" not in self.cleared_flags
 
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# The ONNX element type a strongly typed graph must carry for each reduced precision (onnx.TensorProto values).
+GRAPH_TYPES = {"fp16": 10, "bf16": 16}  # FLOAT16, BFLOAT16
 
 
 def precision_flags(precision: str, tensorrt_version: str) -> PrecisionFlags:
@@ -55,14 +62,40 @@ def precision_flags(precision: str, tensorrt_version: str) -> PrecisionFlags:
 
     TensorRT 10 lowers an fp32 graph by flags; int8 also allows fp16 for the layers left unquantized
     (as `trtexec --int8 --fp16`). TensorRT 11 removed those flags: every network is strongly typed,
-    so the ONNX must already carry fp16/bf16 types or Q/DQ nodes (the optimizers' recipes do that).
+    so the ONNX must already carry fp16 types (the tensorrt recipe's fp16 pass) or Q/DQ nodes; no pass
+    writes bf16 yet, so bf16 is refused there. TF32, on by default, is cleared for fp32: it rounds fp32
+    matmul inputs to 10 mantissa bits, beyond the fp32 tolerance.
     """
     if precision not in PRECISIONS:
         raise KilnError(f"TensorRT precision {precision!r} is unknown (expected one of {', '.join(PRECISIONS)})")
+    cleared = ("TF32",) if precision == "fp32" else ()
     if _major(tensorrt_version) >= 11:
-        return PrecisionFlags((), strongly_typed=True)
+        if precision == "bf16":
+            raise KilnError(
+                f"precision 'bf16' on TensorRT {tensorrt_version}: networks are strongly typed, so the graph must "
+                "compute in bf16, and no torchkiln pass casts to bf16 yet; use --precision fp16 or TensorRT 10"
+            )
+        return PrecisionFlags((), strongly_typed=True, cleared_flags=cleared)
     flags = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16")}[precision]
-    return PrecisionFlags(flags, strongly_typed=False)
+    return PrecisionFlags(flags, strongly_typed=False, cleared_flags=cleared)
+
+
+def check_graph_precision(model, precision: str, flags: PrecisionFlags) -> None:
+    """A strongly typed build computes in the graph's own types: refuse a `precision` the graph does not carry,
+    so the manifest never labels an fp32 plan fp16."""
+    wanted = GRAPH_TYPES.get(precision)
+    if wanted is None or not flags.strongly_typed:
+        return
+    graph = model.graph
+    typed = [t.name for t in graph.initializer if t.data_type == wanted]
+    casts = [n.name for n in graph.node if n.op_type == "Cast"
+             and any(a.name == "to" and a.i == wanted for a in n.attribute)]
+    if not typed and not casts:
+        raise KilnError(
+            f"precision {precision!r} on a strongly typed TensorRT build: the graph must compute in {precision}, "
+            f"and this one has no {precision} weights or casts (run the {precision} pass: it is in the tensorrt "
+            "recipe, or add it to --passes)"
+        )
 
 
 def _major(version: str) -> int:
@@ -106,6 +139,7 @@ def engine_cache_key(
         "onnx": onnx_digest,
         "precision": precision,
         "flags": list(flags.builder_flags),
+        "cleared_flags": list(flags.cleared_flags),
         "strongly_typed": flags.strongly_typed,
         "profiles": [{name: [list(s) for s in shapes] for name, shapes in sorted(p.items())} for p in profiles],
         "host": asdict(host),
@@ -166,11 +200,36 @@ class BuildReport:
     seconds: float
     host: HostFacts
     plugin_nodes: int
+    tf32: bool
 
     def to_json(self) -> dict:
         """The manifest's `tensorrt` record: what the plan is tied to and how it was made."""
         return {"cache_key": self.cache_key, "cache_hit": self.cache_hit, "seconds": round(self.seconds, 3),
-                "plugin_nodes": self.plugin_nodes, **asdict(self.host)}
+                "plugin_nodes": self.plugin_nodes, "tf32": self.tf32, **asdict(self.host)}
+
+
+def timing_cache_name(host: HostFacts, flags: PrecisionFlags) -> str:
+    """The timing cache file for this GPU, TensorRT and TF32 setting: its timings hold only for those."""
+    gpu = "sm" + host.compute_capability.replace(".", "")
+    return f"timing-{gpu}-trt{host.tensorrt_version}-{'tf32' if flags.tf32 else 'notf32'}.cache"
+
+
+def plugin_ptx_for(model, plugin_ptx: bytes | None) -> bytes | None:
+    """The PTX a build embeds: `plugin_ptx`, else the kernel compiled now when the graph has plugin nodes.
+
+    Resolved before the cache key is computed, so an edited kernel makes a new key instead of reusing a plan.
+    """
+    if plugin_ptx is not None or not count_plugin_nodes(model):
+        return plugin_ptx
+    from plugins.tensorrt_plugin import default_ptx
+
+    return default_ptx()
+
+
+def count_plugin_nodes(model) -> int:
+    from plugins.onnx_node import DOMAIN, OP_TYPE
+
+    return sum(node.domain == DOMAIN and node.op_type == OP_TYPE for node in model.graph.node)
 
 
 def build_plan(
@@ -191,8 +250,10 @@ def build_plan(
     trt = import_tensorrt()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
+    flags = precision_flags(precision, trt.__version__)
     if precision == "int8":
         check_int8_graph(model)
+    check_graph_precision(model, precision, flags)
     plugin_nodes = tag_plugin_nodes(model)
     if plugin_nodes or plugin_ptx is not None:
         # The parser looks the plugin up in the registry as it meets the node: register it first.
@@ -200,7 +261,6 @@ def build_plan(
         from plugins.tensorrt_plugin import register
 
         register(plugin_ptx)
-    flags = precision_flags(precision, trt.__version__)
     logger = _collecting_logger(trt)
     builder = trt.Builder(logger)
     network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if flags.strongly_typed else 0
@@ -213,6 +273,8 @@ def build_plan(
     config = builder.create_builder_config()
     for name in flags.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in flags.cleared_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
     for shapes in profiles:
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
@@ -239,24 +301,29 @@ def build_or_reuse_plan(
     cache_dir: Path | None = None,
     plugin_ptx: bytes | None = None,
 ) -> BuildReport:
-    """`build_plan` through the engine cache: a plan of the same key is copied instead of rebuilt."""
+    """`build_plan` through the engine cache: a plan of the same key is copied instead of rebuilt.
+
+    The key covers the PTX the plan embeds (the kernel is compiled first when `plugin_ptx` is None and the
+    graph has plugin nodes); the timing cache is one file per GPU, TensorRT version and TF32 setting.
+    """
+    import onnx
+
     start = time.perf_counter()
     host = host_facts()
+    flags = precision_flags(precision, host.tensorrt_version)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    plugin_ptx = plugin_ptx_for(model, plugin_ptx)
     plugin_digest = hashlib.sha256(plugin_ptx).hexdigest() if plugin_ptx is not None else None
     key = engine_cache_key(onnx_sha256(onnx_path), precision, profiles, host, plugin_digest)
     cached = cache_dir / f"{key}.plan"
     hit = cached.is_file()
-    plugin_nodes = None
     if not hit:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        plugin_nodes = build_plan(onnx_path, cached, profiles, precision, cache_dir / TIMING_CACHE_FILE, plugin_ptx)
+        build_plan(onnx_path, cached, profiles, precision, cache_dir / timing_cache_name(host, flags), plugin_ptx)
     shutil.copyfile(cached, out_path)
-    if plugin_nodes is None:
-        import onnx
-
-        plugin_nodes = tag_plugin_nodes(onnx.load(str(onnx_path), load_external_data=False))
-    return BuildReport(Path(out_path), key, hit, time.perf_counter() - start, host, plugin_nodes)
+    seconds = time.perf_counter() - start
+    return BuildReport(Path(out_path), key, hit, seconds, host, count_plugin_nodes(model), flags.tf32)
 
 
 def default_cache_dir() -> Path:
@@ -308,15 +375,16 @@ def build_engine_files(
     """The tensorrt target's build step: `engine_dir/engine.plan` from the captured (optimized) ONNX.
 
     `profile` is the CLI's `batch=..,sequence=..,past=..` text. Returns the manifest fields to merge:
-    the graph's entry (the plan, and the ONNX's dim names, which a plan forgets) and `tensorrt` (what
-    the plan is tied to, its profile and cache key). The ONNX files are left for the caller to remove.
+    the graph's entry (the plan, and the ONNX's dim names, which a plan forgets), `tensorrt` (what the
+    plan is tied to and its cache key) and `profile` (each dim's [min, opt, max], which verification's
+    inputs keep inside). The ONNX files are left for the caller to remove.
     """
     signature = onnx_signature(onnx_path)
     ranges = parse_profile(profile, max_positions)
     shapes = profile_shapes(signature, ranges)
     report = build_or_reuse_plan(onnx_path, Path(engine_dir) / PLAN_FILE, [shapes], precision, cache_dir, plugin_ptx)
-    profile_record = {name: [r.min, r.opt, r.max] for name, r in ranges.dims().items()}
     return {
         "graph": {"file": PLAN_FILE, "signature": signature.to_json()},
-        "tensorrt": dict(report.to_json(), profile=profile_record),
+        "tensorrt": report.to_json(),
+        "profile": ranges.to_json(),
     }

@@ -20,16 +20,23 @@ class DimRange:
 
 @dataclass(frozen=True)
 class Profile:
-    """Ranges of the contract's dynamic dims; total_sequence follows from past_sequence + sequence."""
+    """Ranges of the contract's dynamic dims; total_sequence follows from past_sequence + sequence, capped at
+    the model's `positions` (a past near the end leaves room for a decode step, not for a long prompt)."""
 
     batch: DimRange
     sequence: DimRange
     past_sequence: DimRange
+    positions: int | None = None
 
     @property
     def total_sequence(self) -> DimRange:
         past, seq = self.past_sequence, self.sequence
-        return DimRange(past.min + seq.min, past.opt + seq.opt, past.max + seq.max)
+        cap = self.positions if self.positions is not None else past.max + seq.max
+        return DimRange(min(past.min + seq.min, cap), min(past.opt + seq.opt, cap), min(past.max + seq.max, cap))
+
+    def to_json(self) -> dict[str, list[int]]:
+        """The manifest's `profile`: dim -> [min, opt, max]; verification keeps its inputs inside it."""
+        return {name: [r.min, r.opt, r.max] for name, r in self.dims().items()}
 
     def dims(self) -> dict[str, DimRange]:
         return {"batch": self.batch, "sequence": self.sequence, "past_sequence": self.past_sequence,
@@ -46,7 +53,8 @@ def parse_profile(text: str | None, max_positions: int | None = None) -> Profile
     """`"batch=1:4:8,sequence=1:128:512,past=0:512:2048"` -> Profile; fields left out keep the defaults.
 
     A field is `min:opt:max` or one number (fixed). Defaults shrink to fit `max_positions` (the
-    model's position table); ranges given explicitly beyond it are an error.
+    model's position table); ranges given explicitly beyond it are an error. past + sequence never exceeds
+    `max_positions` either: the attention mask's range (total_sequence) stops there.
     """
     given: dict[str, DimRange] = {}
     for item in (text or "").split(","):
@@ -76,7 +84,7 @@ def parse_profile(text: str | None, max_positions: int | None = None) -> Profile
             ranges[field] = given[field]
         else:
             ranges[field] = _clamp(default, limit)
-    return Profile(**ranges)
+    return Profile(**ranges, positions=max_positions)
 
 
 def _parse_range(key: str, value: str, lowest: int) -> DimRange:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kiln.errors import KilnError
 from runtimes.decoder_lm import next_feeds, prefill_feeds
 from runtimes.predictor import Predictor
 
@@ -46,6 +47,25 @@ class VerificationInputs:
             return self
         decode_steps = max(1, self.decode_steps * max_positions // total)
         return replace(self, prompt=max(1, max_positions - decode_steps), decode_steps=decode_steps)
+
+    def within_profile(self, profile: dict | None) -> VerificationInputs:
+        """The same inputs, fitted to an engine's shape ranges (the manifest's `profile`: dim -> [min, opt, max]).
+
+        e.g. a TensorRT engine built with `--profile batch=1` is verified at batch 1; the prompt and the decode
+        steps shrink to stay within sequence, past_sequence and total_sequence.
+        """
+        if not profile:
+            return self
+        (batch_low, _, batch_high), (seq_low, _, seq_high) = profile["batch"], profile["sequence"]
+        past_low, _, past_high = profile["past_sequence"]
+        total_high = profile["total_sequence"][2]
+        if past_low > 0:
+            raise KilnError(f"the engine's profile starts past_sequence at {past_low}: a prefill (past 0) cannot run "
+                            "on it, so neither can verification (rebuild with past=0:...)")
+        prompt = max(seq_low, min(self.prompt, seq_high, total_high))
+        room = min(past_high + 1, total_high) - prompt  # the last decode step's past is prompt + steps - 1
+        decode_steps = max(0, min(self.decode_steps, room)) if seq_low <= 1 else 0
+        return replace(self, batch=max(batch_low, min(self.batch, batch_high)), prompt=prompt, decode_steps=decode_steps)
 
 
 def run_steps(predictor: Predictor, vocab_size: int, inputs: VerificationInputs) -> list[dict[str, np.ndarray]]:

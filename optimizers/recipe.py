@@ -25,6 +25,11 @@ RECIPES: dict[tuple[str, str], list[str]] = {
     ("cuda", "fp16"): ["cleanup", "fusion", "fp16"],
     ("cuda", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "int8_dynamic"],
     ("cuda", "int4"): ["cleanup", "fold_weight_transposes", "fusion", "int4"],
+    # TensorRT fuses by itself; TensorRT 11 builds strongly typed, so fp16 is cast in the graph (TensorRT 10
+    # gets the same graph and its FP16 flag). bf16 has no pass yet: TensorRT 10's BF16 flag lowers fp32.
+    ("tensorrt", "fp32"): ["cleanup"],
+    ("tensorrt", "fp16"): ["cleanup", "fp16"],
+    ("tensorrt", "bf16"): ["cleanup"],
 }
 
 

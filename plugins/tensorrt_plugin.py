@@ -9,13 +9,20 @@ inputs (query [b, h, q, d], key [b, kv_h, s, d], value [b, kv_h, s, d], key_mask
 padding key; ones when there is none), alibi_slopes [h] float32 (zeros when the model has no ALiBi)),
 attribute scale: float (0.0 means 1/sqrt(d)), output [b, h, q, d]. The cache holds the new keys, so
 past_len = s - q.
+
+tensorrt.plugin hands each attribute to the registered functions converted through its annotation from
+`PluginField.data`, a one-element array for the parser's float: `float(array)` fails on NumPy >= 2.4, so
+`scale` is declared `npt.NDArray[np.float32]` and its element 0 is read (`attribute_scale`).
 """
 
 import math
 import struct
 from dataclasses import dataclass
 
-from plugins.errors import AttentionInputError
+import numpy as np
+import numpy.typing as npt
+
+from plugins.errors import AttentionInputError, PluginBuildError
 
 PLUGIN_NAMESPACE = "kiln"
 PLUGIN_NAME = "CausalAttention"
@@ -32,6 +39,8 @@ KERNEL_NAMES = {"float32": "kiln_causal_attention_f32", "float16": "kiln_causal_
 # query, key, value and output share FP32 or FP16; the key mask is INT32 and the slopes stay FP32.
 IO_TYPES = "FP32|FP16, FP32|FP16, FP32|FP16, INT32|INT32, FP32|FP32, FP32|FP16"
 PTX_ARCH = "compute_80"
+# tensorrt.plugin's ahead-of-time API (aot_impl, KernelLaunchParams, SymIntExprs) came with TensorRT 10.8.
+MIN_TENSORRT = (10, 8)
 
 
 @dataclass
@@ -64,6 +73,26 @@ def launch_geometry(query_shape, warp_size: int = CUDA_WARP_SIZE) -> LaunchGeome
 def scale_bits(scale: float) -> int:
     """The int32 carrying the float scale's bits: AOT plugins pass extra kernel arguments as int32 only."""
     return struct.unpack("<i", struct.pack("<f", scale))[0]
+
+
+def attribute_scale(scale) -> float:
+    """The scale attribute as TensorRT passes it (a one-element float32 array) or as a plain number."""
+    values = np.asarray(scale, dtype=np.float32).reshape(-1)
+    if values.size != 1:
+        raise AttentionInputError(f"{PLUGIN_ID} attribute scale must hold one float; got {values.size} values")
+    return float(values[0])
+
+
+def check_tensorrt_version(version: str) -> None:
+    """PluginBuildError unless `version` ("10.13.0.35") has tensorrt.plugin's ahead-of-time API."""
+    parts = version.split(".")[:2]
+    if len(parts) < 2 or not all(p.isdigit() for p in parts):
+        raise PluginBuildError(f"TensorRT version: expected 'major.minor...', got {version!r}")
+    if tuple(int(p) for p in parts) < MIN_TENSORRT:
+        raise PluginBuildError(
+            f"{PLUGIN_ID} is built with tensorrt.plugin's ahead-of-time API, which needs TensorRT >= "
+            f"{'.'.join(map(str, MIN_TENSORRT))}; this is TensorRT {version}: upgrade it (pip install -U tensorrt)"
+        )
 
 
 def check_scale(scale: float) -> None:
@@ -136,6 +165,8 @@ def register(ptx: bytes | None = None) -> None:
     if _registered:
         return
     import tensorrt as trt
+
+    check_tensorrt_version(trt.__version__)  # before importing tensorrt.plugin, which older versions lack
     import tensorrt.plugin as trtp
 
     ptx = ptx if ptx is not None else default_ptx()
@@ -152,10 +183,10 @@ def register(ptx: bytes | None = None) -> None:
         value: trtp.TensorDesc,
         key_mask: trtp.TensorDesc,
         alibi_slopes: trtp.TensorDesc,
-        scale: float,
+        scale: npt.NDArray[np.float32],
     ) -> trtp.TensorDesc:
         check_dtypes(name_of(query), name_of(key), name_of(value), name_of(key_mask), name_of(alibi_slopes))
-        check_scale(scale)
+        check_scale(attribute_scale(scale))
         return query.like()
 
     @trtp.autotune(PLUGIN_ID)
@@ -169,7 +200,7 @@ def register(ptx: bytes | None = None) -> None:
         value: trtp.TensorDesc,
         key_mask: trtp.TensorDesc,
         alibi_slopes: trtp.TensorDesc,
-        scale: float,
+        scale: npt.NDArray[np.float32],
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
@@ -180,7 +211,7 @@ def register(ptx: bytes | None = None) -> None:
         params.block_x, params.block_y = geometry.block_x, geometry.block_y
         params.shared_mem = geometry.shared_mem
         args = trtp.SymIntExprs.from_tuple(
-            [trtp.SymInt32(arg) for arg in kernel_args(query.shape_expr, key.shape_expr, scale)]
+            [trtp.SymInt32(arg) for arg in kernel_args(query.shape_expr, key.shape_expr, attribute_scale(scale))]
         )
         return kernel_name(name_of(query)).encode(), ptx, params, args
 

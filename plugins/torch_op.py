@@ -62,4 +62,8 @@ def _register_fake(torch) -> None:
         torch._check(query.dim() == 4, lambda: "query must be [batch, heads, q_len, head_dim]")
         torch._check(key.shape == value.shape, lambda: "key and value must have the same shape")
         torch._check(past_len + query.shape[2] <= key.shape[2], lambda: "past_len + q_len exceeds the cache")
+        for name, tensor in (("key", key), ("value", value), ("alibi_slopes", alibi_slopes), ("key_mask", key_mask)):
+            # The GPU kernel reads every tensor through raw pointers: one on the CPU is an illegal memory access.
+            torch._check(tensor is None or tensor.device == query.device,
+                         lambda: f"{name} must be on the query's device ({query.device}); got {tensor.device}")
         return query.new_empty(query.shape)

@@ -133,6 +133,63 @@ def next_feeds(signature: Signature, feeds: Mapping[str, np.ndarray], outputs: M
             **carried_cache(signature, outputs)}
 
 
+def bucket(length: int) -> int:
+    """The smallest power of two >= `length`; 0 stays 0 (a prefill has no past)."""
+    return 0 if length <= 0 else 1 << (length - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class BucketPadding:
+    """What `pad_to_buckets` added: columns before the past and before the new tokens."""
+
+    past: int  # the real past length
+    before_past: int
+    before_new: int
+
+
+def pad_to_buckets(signature: Signature, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], BucketPadding]:
+    """Feeds padded on the left to bucketed lengths, the padding masked out (`attention_mask` 0).
+
+    The past grows to a power of two, and so do the new tokens when there are several (a prefill), so a
+    runtime that compiles per input shape (MIGraphX) compiles about log2(context) graphs, not one per step.
+    Positions are given explicitly, so padding moves no token; `strip_buckets` takes it off the outputs.
+    """
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    batch, new = ids.shape
+    past = mask.shape[1] - new
+    padding = BucketPadding(past, bucket(past) - past, bucket(new) - new if new > 1 else 0)
+
+    def left(array: np.ndarray, width: int, axis: int) -> np.ndarray:
+        if not width:
+            return array
+        pad = [(0, 0)] * array.ndim
+        pad[axis] = (width, 0)
+        return np.pad(array, pad)
+
+    padded = dict(feeds)
+    padded["input_ids"] = left(ids, padding.before_new, 1)
+    padded["position_ids"] = left(feeds["position_ids"], padding.before_new, 1)
+    padded["attention_mask"] = np.concatenate(
+        [left(mask[:, :past], padding.before_past, 1), left(mask[:, past:], padding.before_new, 1)], axis=1)
+    for spec in past_inputs(signature):
+        padded[spec.name] = left(feeds[spec.name], padding.before_past, 2)
+    return padded, padding
+
+
+def strip_buckets(outputs: Mapping[str, np.ndarray], padding: BucketPadding) -> dict[str, np.ndarray]:
+    """The outputs of padded feeds without the padding: `logits` of the new tokens, `present.*` of the real
+    past followed by the new tokens."""
+    past_end = padding.before_past + padding.past
+    stripped = {}
+    for name, array in outputs.items():
+        if name.startswith(PRESENT_PREFIX):
+            array = np.concatenate([array[:, :, padding.before_past:past_end], array[:, :, past_end + padding.before_new:]], axis=2)
+        elif padding.before_new:
+            array = array[:, padding.before_new:]
+        stripped[name] = array
+    return stripped
+
+
 def calibration_prefills(signature: Signature, token_ids: np.ndarray) -> list[dict[str, np.ndarray]]:
     """One prefill per row of `token_ids [rows, sequence]`: feeds for static quantization's calibration."""
     return [prefill_feeds(signature, row[None, :]) for row in np.asarray(token_ids, dtype=np.int64)]

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from runtimes.decoder_lm import GRAPHS, next_feeds, prefill_feeds, vocab_size
+from runtimes.decoder_lm import GRAPHS, next_feeds, pad_to_buckets, prefill_feeds, strip_buckets, vocab_size
 from runtimes.errors import EngineError, FeedError
 from runtimes.predictor import Predictor
 from runtimes.tokenizer import encode_prompts
@@ -29,10 +29,16 @@ class DecoderLMPredictor(Predictor):
         self.tokenizer = tokenizer
 
     def predict(self, feeds):
-        return self.model.predict(feeds)
+        if not self.model.shape_buckets:
+            return self.model.predict(feeds)
+        self.signature.validate(feeds)
+        return self.forward(feeds)
 
     def forward(self, feeds):
-        return self.model.forward(feeds)
+        if not self.model.shape_buckets:
+            return self.model.forward(feeds)
+        padded, padding = pad_to_buckets(self.signature, feeds)
+        return strip_buckets(self.model.forward(padded), padding)
 
     def generate(self, prompts, max_new_tokens: int = 32, **options) -> np.ndarray:
         """New tokens for each prompt, `[batch, new_tokens]`; see `stream` below for the options.

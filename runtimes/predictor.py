@@ -25,6 +25,9 @@ class Predictor:
     # What of an engine this adapter runs as native code when it opens it (None: nothing); loading such an
     # engine needs a pinned digest, a signature or explicit trust (runtimes.trust).
     native_code: str | None = None
+    # True when the runtime compiles the graph once per distinct input shape (MIGraphX): the kind's Predictor
+    # then pads its feeds to a few bucketed shapes instead of presenting a new one every decode step.
+    shape_buckets: bool = False
 
     def predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass. `feeds` maps every input name to an array; returns every output by name."""

@@ -48,4 +48,5 @@ BACKEND = Backend(
     capture=capture_aoti,
     optional_passes=(KILN_ATTENTION,),
     bench_options=set_threads,
+    runs_on_torch=True,
 )

@@ -36,7 +36,10 @@ class Backend:
     # (captured graphs, work dir, loaded model, request) -> manifest fields, `graphs` included (the built files)
     build: Callable | None = None
     missing_on_host: Callable[[object], str | None] = lambda target: None  # (target) -> why not here, or None
-    manifest_fields: Callable[[object], dict] = lambda target: {}  # (target) -> backend facts for the manifest
+    # (request, captured graphs by role, loaded model) -> backend facts for the manifest (providers, options)
+    manifest_fields: Callable[[BuildRequest, dict, object], dict] = lambda request, graphs, loaded: {}
+    # Its engines run on torch's CUDA (or ROCm) runtime: a GPU target then needs a GPU build of torch too.
+    runs_on_torch: bool = False
     bench_options: Callable[[int], dict] = lambda threads: {}  # (threads) -> load options for measuring
     weight_bytes: Callable[[Path], int] = _file_bytes  # (graph file) -> bytes a decode step reads
     op_histogram: Callable[[Path], Counter] | None = None  # (graph file) -> op type counts, for inspect

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from kiln.backends.onnxruntime import capture_onnx
+from kiln.backends.onnxruntime import capture_onnx, recipe
 from kiln.backends.record import Backend, BuildRequest
 
 
@@ -18,7 +18,7 @@ def build_plan(captured: dict, workdir: Path, loaded, request: BuildRequest) -> 
                                 max_positions=loaded.family.max_positions_of(loaded.config))
     for path in (graph.path, graph.path.with_name(graph.path.name + ".data")):
         path.unlink(missing_ok=True)
-    return {"graphs": {"model": fields["graph"]}, "tensorrt": fields["tensorrt"]}
+    return {"graphs": {"model": fields["graph"]}, "tensorrt": fields["tensorrt"], "profile": fields["profile"]}
 
 
 def missing_tensorrt(target) -> str | None:
@@ -31,8 +31,9 @@ BACKEND = Backend(
     name="tensorrt",
     adapter="runtimes.tensorrt_adapter:TensorRTPredictor",
     capture=capture_onnx,
-    recipe=lambda target, precision: ["cleanup"],
+    recipe=recipe,  # the target's row: cleanup, and fp16 casts the graph (TensorRT 11 builds strongly typed)
     optional_passes=("kiln_attention",),
     build=build_plan,
     missing_on_host=missing_tensorrt,
+    runs_on_torch=True,  # torch holds the engine's device buffers and stream
 )

@@ -28,15 +28,20 @@ inline AttentionShape check_attention_inputs(const at::Tensor& query, const at::
                 kv_heads, ")");
     TORCH_CHECK(past_len >= 0 && past_len + q_len <= kv_capacity, "past_len (", past_len, ") + q_len (", q_len,
                 ") must fit in the cache length ", kv_capacity);
+    // The kernel reads the slopes and the mask through raw pointers: on another device they are an illegal access.
     if (alibi_slopes.has_value()) {
         TORCH_CHECK(alibi_slopes->dim() == 1 && alibi_slopes->size(0) == heads, "alibi_slopes must be [heads] = [",
                     heads, "]; got ", alibi_slopes->sizes());
+        TORCH_CHECK(alibi_slopes->device() == query.device(), "alibi_slopes must be on the query's device (",
+                    query.device(), "); got ", alibi_slopes->device());
     }
     if (key_mask.has_value()) {
         TORCH_CHECK(key_mask->dim() == 2 && key_mask->size(0) == batch && key_mask->size(1) == kv_capacity,
                     "key_mask must be [batch, kv_capacity] = [", batch, ", ", kv_capacity, "]; got ",
                     key_mask->sizes());
         TORCH_CHECK(!key_mask->is_floating_point(), "key_mask must hold integers or booleans (0 = hidden key)");
+        TORCH_CHECK(key_mask->device() == query.device(), "key_mask must be on the query's device (", query.device(),
+                    "); got ", key_mask->device());
     }
     return AttentionShape{batch, heads, kv_heads, q_len, kv_capacity, past_len, head_dim};
 }

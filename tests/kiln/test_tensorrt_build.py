@@ -5,7 +5,11 @@ import importlib.util
 import onnx
 import pytest
 
+import kiln.tensorrt_build
+import plugins.tensorrt_plugin
+from kiln.backends import backend_of
 from kiln.errors import KilnError
+from kiln.targets import TARGETS
 from kiln.tensorrt_build import (
     NOT_INSTALLED,
     HostFacts,
@@ -22,6 +26,7 @@ from kiln.tensorrt_build import (
 from kiln.tensorrt_profile import DEFAULT_PROFILE, DimRange, parse_profile, profile_shapes
 from plugins.onnx_node import tag_plugin_nodes
 from tests.kiln.tensorrt_graphs import HEAD_DIM, KV_HEADS, attention_node, contract_graph
+from tests.kiln.tensorrt_standin import stand_in_tensorrt
 
 HOST = HostFacts("NVIDIA H100 80GB HBM3", "9.0", "10.13.0")
 tensorrt_absent = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -55,6 +60,14 @@ def test_defaults_shrink_to_the_model_positions():
     assert profile.sequence == DimRange(1, 1, 256)
     assert profile.past_sequence == DimRange(0, 255, 255)
     assert profile.batch == DEFAULT_PROFILE.batch
+
+
+def test_past_and_sequence_together_stay_within_the_model_positions():
+    """The mask's range (total_sequence) is capped: a long prompt after a long past is beyond the model."""
+    assert parse_profile(None, max_positions=256).total_sequence == DimRange(1, 256, 256)
+    assert parse_profile(None, max_positions=1024).total_sequence == DimRange(1, 513, 1024)
+    assert parse_profile("sequence=1:64:128,past=0:64:200", max_positions=256).total_sequence == DimRange(1, 128, 256)
+    assert parse_profile(None).total_sequence == DimRange(1, 513, 2048)  # no model: past max + sequence max
 
 
 @pytest.mark.parametrize(
@@ -154,11 +167,82 @@ def test_precision_flags_on_tensorrt_10(precision, flags):
     assert result.strongly_typed is False
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_11_builds_strongly_typed_without_precision_flags(precision):
     result = precision_flags(precision, "11.4.0")
     assert result.builder_flags == ()
     assert result.strongly_typed is True
+
+
+def fp16_graph():
+    """The contract graph with an fp16 cast in it, as the fp16 pass leaves a graph (IO kept fp32)."""
+    cast = onnx.helper.make_node("Cast", ["past_key_values.0.key"], ["key16"], name="to_fp16", to=onnx.TensorProto.FLOAT16)
+    return contract_graph([cast])
+
+
+def test_tensorrt_11_builds_fp16_only_from_a_graph_cast_to_fp16(monkeypatch, tmp_path):
+    """TensorRT 11 has no FP16 flag: an fp32 graph would build an fp32 plan labelled fp16."""
+    trt = stand_in_tensorrt(monkeypatch, "11.4.0")
+    target = TARGETS["tensorrt"]
+    assert backend_of(target).recipe(target, "fp16") == ["cleanup", "fp16"]  # the graph is cast before parsing
+    onnx.save(contract_graph(), tmp_path / "fp32.onnx")
+    with pytest.raises(KilnError, match=r"precision 'fp16' on a strongly typed TensorRT build: .* no fp16 weights or casts"):
+        build_plan(tmp_path / "fp32.onnx", tmp_path / "engine.plan", [], "fp16", None)
+    assert trt.builds == [] and not (tmp_path / "engine.plan").exists()
+    onnx.save(fp16_graph(), tmp_path / "fp16.onnx")
+    build_plan(tmp_path / "fp16.onnx", tmp_path / "engine.plan", [], "fp16", None)
+    (build,) = trt.builds
+    assert build.network_flags == 1 << 5 and build.flags_set == []  # strongly typed; no precision flags exist
+    with pytest.raises(KilnError, match=r"precision 'bf16' on TensorRT 11.4.0: .* no torchkiln pass casts to bf16"):
+        build_plan(tmp_path / "fp16.onnx", tmp_path / "engine.plan", [], "bf16", None)
+
+
+@pytest.mark.parametrize("version", ["10.13.0.35", "11.4.0"])
+def test_fp32_plans_are_built_without_tf32(monkeypatch, tmp_path, contract_onnx, version):
+    """TF32 (on by default) rounds fp32 matmul inputs to 10 mantissa bits, beyond the fp32 tolerance."""
+    trt = stand_in_tensorrt(monkeypatch, version)
+    build_plan(contract_onnx, tmp_path / "fp32.plan", [], "fp32", None)
+    assert trt.builds[-1].flags_cleared == ["TF32"]
+    onnx.save(fp16_graph(), tmp_path / "fp16.onnx")
+    build_plan(tmp_path / "fp16.onnx", tmp_path / "fp16.plan", [], "fp16", None)
+    assert trt.builds[-1].flags_cleared == []
+    monkeypatch.setattr(kiln.tensorrt_build, "host_facts", lambda: dataclasses.replace(HOST, tensorrt_version=version))
+    report = build_or_reuse_plan(contract_onnx, tmp_path / "engine.plan", [], "fp32", cache_dir=tmp_path / "cache")
+    assert report.to_json()["tf32"] is False  # the manifest says so
+
+
+def test_an_edited_kernel_gets_a_new_plan(monkeypatch, tmp_path):
+    """The cache key hashes the PTX the plan embeds, also when the kernel is compiled by the build itself."""
+    stand_in_tensorrt(monkeypatch)
+    monkeypatch.setattr(kiln.tensorrt_build, "host_facts", lambda: HOST)
+    kernel = {"ptx": b"// kernel v1"}
+    embedded = []
+    monkeypatch.setattr(plugins.tensorrt_plugin, "default_ptx", lambda: kernel["ptx"])
+    monkeypatch.setattr(plugins.tensorrt_plugin, "register", embedded.append)
+    onnx.save(contract_graph([attention_node()]), tmp_path / "model.onnx")
+
+    def build():
+        return build_or_reuse_plan(tmp_path / "model.onnx", tmp_path / "engine.plan", [], "fp32", cache_dir=tmp_path / "cache")
+
+    first = build()
+    assert build().cache_hit is True  # the same kernel: the plan is reused
+    kernel["ptx"] = b"// kernel v2"  # the kernel source was edited
+    edited = build()
+    assert edited.cache_hit is False and edited.cache_key != first.cache_key
+    assert embedded == [b"// kernel v1", b"// kernel v2"]
+    assert edited.plugin_nodes == 1
+
+
+def test_the_timing_cache_is_kept_per_gpu_tensorrt_and_tf32(monkeypatch, tmp_path, contract_onnx):
+    trt = stand_in_tensorrt(monkeypatch)
+    hosts = [HOST, dataclasses.replace(HOST, compute_capability="8.0"), dataclasses.replace(HOST, tensorrt_version="10.14.1")]
+    for host in hosts:
+        monkeypatch.setattr(kiln.tensorrt_build, "host_facts", lambda host=host: host)
+        build_or_reuse_plan(contract_onnx, tmp_path / "engine.plan", [], "fp32", cache_dir=tmp_path / "cache")
+    names = sorted(p.name for p in (tmp_path / "cache").glob("timing-*"))
+    assert names == ["timing-sm80-trt10.13.0-notf32.cache", "timing-sm90-trt10.13.0-notf32.cache",
+                     "timing-sm90-trt10.14.1-notf32.cache"]
+    assert [b.timing_cache_in for b in trt.builds] == [b"", b"", b""]  # none read another GPU's timings
 
 
 def test_unknown_precision_and_version_are_named():

@@ -31,7 +31,8 @@ def tensorrt_engine(captured, tmp_path_factory):
     fields = build_engine_files(onnx_path, engine, "fp32", PROFILE, loaded.config.max_position_embeddings,
                                 cache_dir=tmp_path_factory.mktemp("cache"))
     write_manifest(engine, {"target": "tensorrt", "precision": "fp32", "backend": "tensorrt", "device": "cuda",
-                            "graphs": {"model": fields["graph"]}, "tensorrt": fields["tensorrt"]})
+                            "graphs": {"model": fields["graph"]}, "tensorrt": fields["tensorrt"],
+                            "profile": fields["profile"]})
     return engine, fields
 
 
@@ -86,7 +87,8 @@ def test_a_feed_outside_the_profile_is_refused_before_running(predictors):
 def test_the_manifest_records_the_gpu_tensorrt_and_profile(tensorrt_engine):
     _, fields = tensorrt_engine
     record = fields["tensorrt"]
-    assert record["profile"]["total_sequence"] == [1, 17, 96]
+    assert fields["profile"]["total_sequence"] == [1, 17, 96]
+    assert record["tf32"] is False
     assert record["cache_hit"] is False and len(record["cache_key"]) == 64
     assert record["compute_capability"].count(".") == 1 and record["tensorrt_version"][0].isdigit()
 

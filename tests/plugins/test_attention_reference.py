@@ -110,6 +110,16 @@ def test_fake_op_gives_the_output_shape_without_running(torch_op):
     assert tuple(out.shape) == (2, 8, 5, 16)
 
 
+@pytest.mark.parametrize("argument", ["key_mask", "alibi_slopes"])
+def test_a_mask_or_slopes_on_another_device_than_the_query_is_refused(argument, torch_op):
+    """On a GPU, a CPU mask read by the kernel is an illegal memory access; torch.compile and export trace
+    the op on meta tensors, so the check there covers the GPU too (test_torch_op_gpu.py runs the kernel's)."""
+    q, k = torch.empty(1, 2, 3, 8, device="meta"), torch.empty(1, 2, 5, 8, device="meta")
+    cpu = {"key_mask": torch.ones(1, 5, dtype=torch.int32), "alibi_slopes": torch.ones(2)}[argument]
+    with pytest.raises(RuntimeError, match=rf"{argument} must be on the query's device \(meta\); got cpu"):
+        torch_op(q, k, k, 2, **{argument: cpu})
+
+
 @pytest.mark.parametrize(
     "q_shape, kv_shape, past_len, message",
     [

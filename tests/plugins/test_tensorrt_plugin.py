@@ -8,9 +8,10 @@ import types
 import typing
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pytest
 
-from plugins import AttentionInputError
+from plugins import AttentionInputError, PluginBuildError
 from plugins import tensorrt_plugin as trt_plugin
 from plugins.build import KERNEL_SOURCE
 
@@ -162,12 +163,12 @@ def test_aot_ptx_exports_the_kernel_names(cuda_binaries):
         assert kinds == ["u64"] * 5 + ["u32"] * 7 + ["u64"]
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    """register() run against a stand-in tensorrt.plugin that records the decorated functions."""
+def stand_in_tensorrt(monkeypatch, version="10.13.0.35"):
+    """Stand-ins for tensorrt and tensorrt.plugin that record the functions register() decorates."""
     trt = types.ModuleType("tensorrt")
     trtp = types.ModuleType("tensorrt.plugin")
     trt.plugin, trt.float32, trt.float16, trt.int32 = trtp, "trt.float32", "trt.float16", "trt.int32"
+    trt.__version__ = version
 
     class KernelLaunchParams:
         grid_x = grid_y = grid_z = block_x = block_y = block_z = 1
@@ -189,15 +190,35 @@ def registered(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     monkeypatch.setattr(trt_plugin, "_registered", False)
+    return functions
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """register() run against the stand-in tensorrt.plugin."""
+    functions = stand_in_tensorrt(monkeypatch)
     trt_plugin.register(ptx=b"// ptx")
     return {kind: fn for (plugin_id, kind), fn in functions.items() if plugin_id == trt_plugin.PLUGIN_ID}
+
+
+def attribute_as_tensorrt_passes_it(function, name: str, field_data: np.ndarray):
+    """What tensorrt.plugin's plugin creator hands `function` for attribute `name`: the parser's PluginField
+    data (a one-element array for an ONNX float) converted through the parameter's annotation, as
+    `_TemplatePluginCreator.create_plugin` does: `.astype(dtype)` for `npt.NDArray[dtype]`, else `annotation(data)`."""
+    annotation = inspect.signature(function).parameters[name].annotation
+    if typing.get_origin(annotation) is np.ndarray:
+        (dtype,) = typing.get_args(typing.get_args(annotation)[1])
+        return field_data.astype(dtype)
+    return annotation(field_data)
 
 
 def test_registered_signatures_follow_tensorrt_plugin_rules(registered):
     assert set(registered) == {"register", "autotune", "aot_impl"}
     describe = inspect.signature(registered["register"])
     assert list(describe.parameters) == ["query", "key", "value", "key_mask", "alibi_slopes", "scale"]
-    assert describe.parameters["scale"].annotation is float and describe.parameters["scale"].default is inspect.Parameter.empty
+    # NumPy >= 2.4 refuses float(one-element array): a float attribute is declared as a float32 array.
+    assert describe.parameters["scale"].annotation == np.typing.NDArray[np.float32]
+    assert describe.parameters["scale"].default is inspect.Parameter.empty
     assert describe.return_annotation is TensorDescStandIn
     assert list(inspect.signature(registered["autotune"]).parameters) == ["query", "key", "value", "key_mask", "alibi_slopes", "outputs"]
     assert typing.get_origin(inspect.signature(registered["autotune"]).return_annotation) is list
@@ -223,6 +244,29 @@ def test_registered_functions_describe_tune_and_launch(registered):
     assert (name, ptx) == (b"kiln_causal_attention_f16", b"// ptx")
     assert (params.grid_x, params.grid_y, params.block_x, params.block_y, params.shared_mem) == (16, 1, 32, 8, 4160)
     assert list(args) == [8, 2, 3, 10, 7, 64, 0]
+
+
+def test_the_scale_attribute_survives_tensorrts_conversion(registered):
+    """The ONNX parser gives `scale` as PluginField data `array([0.125], float32)`; both functions take it."""
+    query = TensorDescStandIn((1, 4, 1, 16), "trt.float32")
+    key = TensorDescStandIn((1, 4, 5, 16), "trt.float32")
+    mask, slopes = TensorDescStandIn((1, 5), "trt.int32"), TensorDescStandIn((4,), "trt.float32")
+    field = np.array([0.125], dtype=np.float32)
+    scale = attribute_as_tensorrt_passes_it(registered["register"], "scale", field)
+    assert registered["register"](query, key, key, mask, slopes, scale).dtype == "trt.float32"
+    scale = attribute_as_tensorrt_passes_it(registered["aot_impl"], "scale", field)
+    *_, args = registered["aot_impl"](query, key, key, mask, slopes, scale, (query.like(),), 0)
+    assert args[-1] == 0x3E000000  # 0.125's bits
+    with pytest.raises(AttentionInputError, match="must hold one float; got 2 values"):
+        registered["register"](query, key, key, mask, slopes, np.array([0.1, 0.2], dtype=np.float32))
+
+
+@pytest.mark.parametrize("version", ["10.7.0.23", "8.6.1"])
+def test_tensorrt_without_the_aot_plugin_api_is_refused_before_importing_it(monkeypatch, version):
+    stand_in_tensorrt(monkeypatch, version)
+    monkeypatch.delitem(sys.modules, "tensorrt.plugin")  # older TensorRT: absent, or without aot_impl
+    with pytest.raises(PluginBuildError, match=rf"needs TensorRT >= 10\.8; this is TensorRT {re.escape(version)}"):
+        trt_plugin.register(ptx=b"// ptx")
 
 
 @pytest.mark.tensorrt

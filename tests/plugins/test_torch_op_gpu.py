@@ -47,3 +47,12 @@ def test_large_head_dim_and_long_cache(torch_op):
     got = torch_op(q, k, v, 1500, slopes, None, mask)
     expected = sdpa_reference(q.double(), k.double(), v.double(), 1500, slopes, None, mask)
     assert relative_error(got, expected) <= 2e-3
+
+
+@pytest.mark.parametrize("argument", ["key_mask", "alibi_slopes"])
+def test_the_kernel_refuses_a_mask_or_slopes_left_on_the_cpu(argument, torch_op):
+    q, k = torch.randn(1, 2, 3, 8, device="cuda"), torch.randn(1, 2, 5, 8, device="cuda")
+    cpu = {"key_mask": torch.ones(1, 5, dtype=torch.int32), "alibi_slopes": torch.ones(2)}[argument]
+    with pytest.raises(RuntimeError, match=f"{argument} must be on the query's device"):
+        torch_op(q, k, k, 2, **{argument: cpu})
+    torch.cuda.synchronize()  # no illegal memory access was left pending
