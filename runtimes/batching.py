@@ -64,6 +64,8 @@ class Sequence:
 class ContinuousBatch:
     """The running batch of one engine: `step(joining)` decodes every live row once and prefills newcomers.
 
+    Rows leave and join with one copy of the cache per step at most: finished rows and the padding columns no
+    remaining row needs are dropped, and newcomers are appended, the shorter side left-padded.
     Not thread-safe: one scheduler thread drives it.
     """
 
@@ -80,27 +82,21 @@ class ContinuousBatch:
         return len(self.rows)
 
     def step(self, joining: list[Sequence] = ()) -> list[Sequence]:
-        """Decode one token for every live row, then prefill `joining` (their first token); returns the
-        sequences that got a token this step. Finished ones have left the batch when it returns."""
+        """Decode one token for every row, then prefill `joining` (their first token); returns the sequences
+        that got a token this step. Those that finished have left the batch when it returns."""
         stepped = self._decode() if self.rows else []
-        if joining:
-            stepped += self._prefill(list(joining))
-        self.leave([row for row in self.rows if row.finish_reason])
-        return stepped
+        joined = self._prefill(list(joining)) if joining else None
+        if joined or any(row.finish_reason for row in self.rows):
+            self._rebuild(list(joining), *(joined or (None, None, None)))
+        return stepped + list(joining)
 
-    def leave(self, sequences: list[Sequence]) -> None:
-        """Take `sequences` out of the batch (between steps)."""
-        gone = {id(s) for s in sequences}
-        keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
-        if len(keep) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in keep]
-        mask = self.mask[keep]
-        # Columns that are padding in every remaining row are dropped: the batch narrows as long rows leave.
-        first = int(np.argmax(mask.any(axis=0))) if mask.any() else mask.shape[1]
-        self.mask = mask[:, first:]
-        self.cache = {name: array[keep][:, :, first:] for name, array in self.cache.items()}
-        self.pending = self.pending[keep]
+    def leave(self, sequences: list[Sequence], reason: str = "cancelled") -> None:
+        """Finish `sequences` (between steps) and drop their rows."""
+        for sequence in sequences:
+            if sequence.finish_reason is None:
+                sequence.finish_reason = reason
+        if any(row.finish_reason for row in self.rows):
+            self._rebuild()
 
     def _decode(self) -> list[Sequence]:
         feeds = next_feeds(self.signature, {"attention_mask": self.mask}, self.cache, self.pending)
@@ -110,39 +106,58 @@ class ContinuousBatch:
         self.pending = self._choose(self.rows, outputs["logits"][:, -1, :])
         return list(self.rows)
 
-    def _prefill(self, joining: list[Sequence]) -> list[Sequence]:
+    def _prefill(self, joining: list[Sequence]):
+        """The newcomers' (mask, cache, pending token) after their prefill."""
         ids, mask = left_pad([s.prompt for s in joining], self.pad_token_id)
         outputs = self.predictor.forward(prefill_feeds(self.signature, ids, mask))
         pending = self._choose(joining, outputs["logits"][:, -1, :])
-        cache = {name: array for name, array in outputs.items() if name.startswith(PRESENT_PREFIX)}
-        if not self.rows:
-            self.mask, self.cache, self.pending, self.rows = mask, cache, pending, list(joining)
-            return joining
-        # Join the running batch, left-padding whichever side is shorter.
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.mask = np.concatenate([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
-        self.cache = {name: np.concatenate([_pad_left(self.cache[name], width, 2), _pad_left(array, width, 2)])
-                      for name, array in cache.items()}
-        self.pending = np.concatenate([self.pending, pending])
-        self.rows += joining
-        return joining
+        return mask, {name: array for name, array in outputs.items() if name.startswith(PRESENT_PREFIX)}, pending
+
+    def _rebuild(self, joining: list[Sequence] = (), mask=None, cache=None, pending=None) -> None:
+        """One copy into fresh arrays: the unfinished rows without the columns none of them needs, then the
+        unfinished of `joining` (rows of `mask`, `cache`, `pending`), the shorter side left-padded."""
+        keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
+        added = [i for i, row in enumerate(joining) if row.finish_reason is None]
+        kept_mask = self.mask[keep]
+        first = int(np.argmax(kept_mask.any(axis=0))) if kept_mask.any() else kept_mask.shape[1]
+        kept_width = kept_mask.shape[1] - first
+        added_width = mask.shape[1] if added else 0
+        width = max(kept_width, added_width)
+
+        def merged(current: np.ndarray, new: np.ndarray | None, columns: int) -> np.ndarray:
+            like = current if new is None else new
+            shape = list(like.shape)
+            shape[0], shape[columns] = len(keep) + len(added), width
+            # np.empty, not np.zeros: calloc'd pages fault in on first write, which costs more than the copy.
+            out = np.empty(shape, dtype=like.dtype)
+            for rows, source, indices, start, used in ((out[: len(keep)], current, keep, first, kept_width),
+                                                       (out[len(keep):], new, added, 0, added_width)):
+                if indices:
+                    rows[_padding(columns, width - used)] = 0
+                    rows[_from_column(columns, width - used)] = np.take(source, indices, axis=0)[_from_column(columns, start)]
+            return out
+
+        self.mask = merged(self.mask, mask, 1)
+        self.cache = {name: merged(self.cache.get(name), (cache or {}).get(name), 2) for name in (cache or self.cache)}
+        self.pending = np.concatenate([self.pending[keep]] + ([pending[added]] if added else []))
+        self.rows = [self.rows[i] for i in keep] + [joining[i] for i in added]
 
     @staticmethod
     def _choose(rows: list[Sequence], logits: np.ndarray) -> np.ndarray:
         """Each row's next token from its last logits, recorded on its Sequence; returned as `[rows, 1]`."""
-        greedy = [row.rng is None and row.sampling.repetition_penalty == 1.0 for row in rows]
         picked = logits.argmax(axis=-1).astype(np.int64)  # one argmax for every greedy row, the common case
         for i, row in enumerate(rows):
-            if not greedy[i]:
+            if row.rng is not None or row.sampling.repetition_penalty != 1.0:
                 picked[i] = row.pick(logits[i])
             row.take(int(picked[i]))
         return picked[:, None]
 
 
-def _pad_left(array: np.ndarray, width: int, axis: int) -> np.ndarray:
-    missing = width - array.shape[axis]
-    if missing == 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (missing, 0)
-    return np.pad(array, pad)
+def _from_column(axis: int, start: int) -> tuple:
+    """Index of the columns from `start` on in a batched array whose columns are `axis`."""
+    return (slice(None),) * axis + (slice(start, None),)
+
+
+def _padding(axis: int, width: int) -> tuple:
+    """Index of the first `width` columns (the left padding) in a batched array whose columns are `axis`."""
+    return (slice(None),) * axis + (slice(0, width),)

@@ -4,7 +4,6 @@ spreads requests over the replicas, restarts dead ones and autoscales between bo
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from kiln.errors import KilnError
@@ -27,7 +26,10 @@ def kiln_deployment(engine_dir: Path, options: ServeOptions, load_options: dict,
     """A bound Ray Serve application serving `engine_dir`."""
     from ray import serve
 
-    builder = functools.partial(build_app, str(Path(engine_dir).resolve()), options, **load_options)
+    engine_dir = str(Path(engine_dir).resolve())
+
+    def builder():  # a plain function: Ray Serve calls it on each replica (a partial would pass as an ASGI app)
+        return build_app(engine_dir, options, **load_options)
 
     @serve.ingress(builder)
     class KilnEngine:
