@@ -113,6 +113,7 @@ class Run:
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
+        self.error: str | None = None  # the engine's failure, when it failed
         self._decoded = ""  # all tokens decoded; `text` lags where a stop string might still begin
         self._last = None
 
@@ -134,6 +135,7 @@ class Run:
                 text = self._add(tokens)
                 if reason is not None and self.finish_reason is None:
                     self.finish_reason = "error" if reason.startswith("error") else reason
+                    self.error = reason if self.finish_reason == "error" else None
                     text += self._flush()
                 if tokens or text or self.finish_reason:
                     yield tokens, text, self.finish_reason
@@ -282,6 +284,9 @@ async def _respond(service: EngineService, request: Request, prompts: list[list[
         await asyncio.gather(*(_drain(run) for run in runs))
     finally:
         watcher.cancel()
+    failed = next((run.error for run in runs if run.error), None)
+    if failed:
+        return _error(500, f"the engine failed: {failed}", "server_error")
     choices = [_choice(kind, i, run.text, run.tokens, run.finish_reason) for i, run in enumerate(runs)]
     prompt_tokens = sum(len(ids) for ids in prompts)
     completion_tokens = sum(len(run.tokens) for run in runs)
