@@ -520,18 +520,38 @@ def sign(ctx, engine_dir, key, as_json):
 @click.option("--new-tokens", default=32, show_default=True, type=int, help="Tokens generated per decode run.")
 @click.option("--rounds", default=3, show_default=True, type=int, help="Measured rounds, after one warm-up round.")
 @click.option("--threads", default=2, show_default=True, type=int, help="Threads per engine.")
+@click.option("--size", type=int, help="Diffusion engines: square image side in pixels [default: the engine's].")
+@click.option("--steps", default=10, show_default=True, type=int, help="Diffusion engines: denoising steps per image.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: decode tok/s with the bandwidth floor, prefill latency.")
 @click.option("--trust-native-code", is_flag=True, help="Load engines that carry native code (AOTInductor, TensorRT, torch ops).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batches, new_tokens, rounds, threads, plot_path,
-          trust_native_code, as_json):
-    """Measure engines side by side, interleaved in one process: prefill latency, first token, decode tok/s."""
+def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batches, new_tokens, rounds, threads, size, steps,
+          plot_path, trust_native_code, as_json):
+    """Measure engines side by side, interleaved in one process: prefill latency, first token, decode tok/s
+    (diffusion engines: seconds per UNet step and per image, beside diffusers with --reference)."""
+    import importlib
+
     from rich.console import Console
 
     from kiln.bench import BenchConfig, engine_candidate, plot, reference_candidate, run_bench
+    from kiln.kinds import kind_checks
+    from runtimes.engine_dir import engine_kind, read_manifest
+    from runtimes.foreign import is_foreign
 
     _json_mode(ctx, as_json)
+    kind = None if is_foreign(engine_dirs[0]) else kind_checks(engine_kind(read_manifest(engine_dirs[0])))
+    if kind is not None and kind.bench_module is not None:
+        measure = importlib.import_module(kind.bench_module)
+        with Console(stderr=True).status("benchmarking…") as status:
+            report = measure.bench(list(engine_dirs), reference=reference, threads=threads, rounds=rounds, size=size,
+                                   steps=steps, batch=_int_list(batches, "--batches")[0],
+                                   trust_native_code=trust_native_code, on_progress=status.update)
+        if plot_path:
+            measure.plot(report, plot_path)
+            report["plot"] = str(plot_path)
+        click.echo(json.dumps(report, indent=2) if as_json else "\n".join(measure.table(report)))
+        return
     config = BenchConfig(_int_list(prompt_lengths, "--prompt-lengths"), _int_list(batches, "--batches"),
                          new_tokens, rounds=rounds, threads=threads)
     candidates = [engine_candidate(path, threads, trust_native_code=trust_native_code) for path in engine_dirs]

@@ -141,6 +141,10 @@ def write_diffusion_files(loaded, workdir: Path, target, graphs: dict) -> dict:
         else:
             component.save_config(workdir / folder)
         written.append(f"{folder.as_posix()}/config.json")
+    other = sorted(g["file"] for g in graphs.values() if Path(g["file"]).suffix != ".onnx")
+    if other:  # an AOTInductor package, say: the layout's files serve the engine's own driver
+        return {"optimum": None, "optimum_reason": f"Optimum runs ONNX graphs; this engine's are {', '.join(other)}",
+                "files": written}
     return {"optimum": "model_index.json", "files": written}
 
 

@@ -87,6 +87,17 @@ def test_inspect_and_verify_read_the_kind_s_report(sd_engine):
     assert json.loads(checked.stdout)["verification"]["end_to_end"]["max_pixel_error"] <= 1
 
 
+def test_bench_measures_unet_steps_and_images_beside_diffusers(sd_engine):
+    done = CliRunner().invoke(cli, ["bench", str(sd_engine), "--reference", "--rounds", "1", "--steps", "2", "--size", "24",
+                                    "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert [e["label"] for e in report["engines"]] == ["diffusers eager", f"{sd_engine.name} (cpu/fp32)"]
+    assert report["image"] == {"height": 24, "width": 24, "unet_batch": 2}
+    for entry in report["engines"]:
+        assert entry["unet_step_ms"]["runs"] == 1 and 0 < entry["unet_step_ms"]["median"] < entry["image_s"]["median"] * 1e3
+
+
 def read_png(path) -> np.ndarray:
     return read_png_bytes(path.read_bytes())
 
