@@ -72,10 +72,34 @@ def test_a_bad_size_or_scheduler_exits_2_with_one_line(sd_engine, tmp_path, argu
 
 
 def test_a_precision_without_a_gate_is_refused(tmp_path):
-    done = CliRunner().invoke(cli, ["convert", "tiny-sd", "--precision", "int8", "-o", str(tmp_path / "e")])
+    done = CliRunner().invoke(cli, ["convert", "tiny-sd", "--precision", "int4", "-o", str(tmp_path / "e")])
     assert done.exit_code == 2
-    assert "a diffusion engine at precision 'int8' has no verification gate yet (supported: fp32)" in done.output
+    assert "a diffusion engine at precision 'int4' has no verification gate yet (supported: fp32, int8)" in done.output
     assert not (tmp_path / "e").exists()
+
+
+def test_int8_is_gated_on_psnr_and_ssim_against_diffusers(sd_engine, sd_source, tmp_path):
+    """The engine's graphs quantized as the cpu/int8 recipe's last pass does, verified as convert would."""
+    from kiln.verify_diffusion import verify
+    from optimizers import PassContext, run_recipe
+    from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
+    from runtimes.text_to_image import DiffusionPredictor
+
+    fp32 = kiln.load(sd_engine)
+    graphs = {}
+    for role in fp32.components:
+        path = tmp_path / role / "model.onnx"
+        path.parent.mkdir()
+        run_recipe(sd_engine / role / "model.onnx", PassContext(target="cpu", recipe="cpu", precision="int8"),
+                   passes=["fold_weight_transposes", "int8_dynamic"], output=path)
+        graphs[role] = OnnxRuntimePredictor(path)
+    int8 = DiffusionPredictor(graphs, fp32.facts, fp32.scheduler_config, fp32.tokenizer)
+    report = verify(int8, sd_source, "int8")
+    e2e = report["end_to_end"]
+    assert report["passed"] is True and 35 <= e2e["psnr"] < 80 and 0.98 <= e2e["ssim"] < 1
+    assert report["components"]["unet"]["out_sample"]["relative"] > 1e-4  # reported, not gated
+    # The same engine held to fp32's gates fails them: the gates can tell int8 from fp32.
+    assert verify(int8, sd_source, "fp32")["passed"] is False
 
 
 def test_inspect_and_verify_read_the_kind_s_report(sd_engine):
