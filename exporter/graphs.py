@@ -16,7 +16,8 @@ class GraphExport:
 
     module: Any  # torch.nn.Module
     args: tuple
-    # dim(name) -> a torch.export Dim (ONNX: named; AOTInductor: Dim.DYNAMIC) => `dynamic_shapes` for export
+    # dim(name, min=, max=) -> a torch.export Dim (ONNX: named, with those bounds; AOTInductor: Dim.DYNAMIC)
+    # => `dynamic_shapes` for export
     dynamic_shapes: Callable[[Callable[[str], Any]], Any]
     signature: Signature  # IO names in the order of the module's flattened inputs and outputs, with dim names
     capturing: Callable[[], ContextManager] = contextlib.nullcontext  # what must hold while it is captured
