@@ -344,7 +344,7 @@ def predict(ctx, engine_dir, inputs_path, output, as_json, trust):
 @click.option("--guidance", default=7.5, show_default=True, type=float, help="Images: classifier-free guidance scale.")
 @click.option("--height", type=int, help="Images: height in pixels [default: the UNet's size].")
 @click.option("--width", type=int, help="Images: width in pixels [default: the UNet's size].")
-@click.option("--scheduler", help="Images: ddim, euler or dpm++2m [default: the engine's scheduler_config.json].")
+@click.option("--scheduler", help="Images: ddim, euler, dpm++2m or pndm [default: the engine's scheduler_config.json].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of streaming.")
 @_trust_options
 @click.pass_context

@@ -1,4 +1,5 @@
-"""Diffusion schedulers in numpy, driven by a diffusers `scheduler_config.json`: DDIM, Euler, DPM++ 2M.
+"""Diffusion schedulers in numpy, driven by a diffusers `scheduler_config.json`: DDIM, Euler, DPM++ 2M and
+PNDM (as Stable Diffusion 1.x configures it: PLMS steps only, `skip_prk_steps`).
 
 Each follows the diffusers class of the same name step for step, in float32 where diffusers computes in
 float32 (its schedules are torch float32 tensors), so a run from the same latents matches diffusers' own
@@ -25,7 +26,8 @@ _COMMON = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, 
 # Options of the diffusers classes that change the math and are not implemented here: (key, the value that is).
 _UNSUPPORTED = {"thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
                 "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-                "rescale_betas_zero_snr": False, "variance_type": None, "timestep_type": "discrete"}
+                "rescale_betas_zero_snr": False, "variance_type": None, "timestep_type": "discrete",
+                "skip_prk_steps": True}
 
 
 def _betas_for_alpha_bar(steps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -295,14 +297,75 @@ class DPMSolverMultistep(Scheduler):
         return out.astype(np.float32)
 
 
+class PNDM(Scheduler):
+    """diffusers' PNDMScheduler with `skip_prk_steps` (Stable Diffusion 1.x's): linear multistep (PLMS) steps, the
+    second timestep run twice to start the history."""
+
+    name = "pndm"
+    defaults = {"skip_prk_steps": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+
+    def __init__(self, config: Mapping, source: str = "scheduler config"):
+        super().__init__(config, source)
+        self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+
+    def set_timesteps(self, steps: int) -> None:
+        c = self.config
+        train = c["num_train_timesteps"]
+        if c["timestep_spacing"] == "linspace":
+            spaced = np.linspace(0, train - 1, steps).round().astype(np.int64)
+        elif c["timestep_spacing"] == "leading":
+            spaced = (np.arange(0, steps) * (train // steps)).round() + c["steps_offset"]
+        elif c["timestep_spacing"] == "trailing":
+            spaced = np.round(np.arange(train, 0, -train / steps))[::-1].astype(np.int64) - 1
+        else:
+            raise self.spacing_error()
+        self.timesteps = np.concatenate([spaced[:-1], spaced[-2:-1], spaced[-1:]])[::-1].astype(np.int64)
+        self.steps = steps
+        self.history: list[np.ndarray] = []
+        self.first_sample = None
+
+    def step(self, model_output, index, sample):
+        c = self.config
+        stride = c["num_train_timesteps"] // self.steps
+        t = int(self.timesteps[index])
+        prev = t - stride
+        if index != 1:
+            self.history = (self.history + [model_output])[-4:]
+        else:  # the repeated timestep: step again from the first sample with the two outputs averaged
+            prev, t = t, t + stride
+        ets = self.history
+        if len(ets) == 1 and index == 0:
+            self.first_sample = sample
+        elif len(ets) == 1 and index == 1:
+            model_output = (model_output + ets[-1]) / 2
+            sample = self.first_sample
+        elif len(ets) == 2:
+            model_output = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            model_output = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            model_output = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
+        alpha = self.alphas_cumprod[t]
+        alpha_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        beta, beta_prev = np.float32(1) - alpha, np.float32(1) - alpha_prev
+        if c["prediction_type"] == "v_prediction":
+            model_output = alpha ** np.float32(0.5) * model_output + beta ** np.float32(0.5) * sample
+        elif c["prediction_type"] != "epsilon":
+            raise _prediction_error(self, ("epsilon", "v_prediction"))
+        denominator = alpha * beta_prev ** np.float32(0.5) + (alpha * beta * alpha_prev) ** np.float32(0.5)
+        out = (alpha_prev / alpha) ** np.float32(0.5) * sample - (alpha_prev - alpha) * model_output / denominator
+        return out.astype(np.float32)
+
+
 def _prediction_error(scheduler: Scheduler, allowed: tuple[str, ...]) -> FeedError:
     return FeedError(f"{scheduler.source}: prediction_type {scheduler.config['prediction_type']!r} is not one of "
                      + ", ".join(allowed))
 
 
 # The name `generate_image(scheduler=...)` takes -> the class; the diffusers class a config names -> that name.
-SCHEDULERS = {s.name: s for s in (DDIM, Euler, DPMSolverMultistep)}
-DIFFUSERS_NAMES = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler", "DPMSolverMultistepScheduler": "dpm++2m"}
+SCHEDULERS = {s.name: s for s in (DDIM, Euler, DPMSolverMultistep, PNDM)}
+DIFFUSERS_NAMES = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler", "DPMSolverMultistepScheduler": "dpm++2m",
+                   "PNDMScheduler": "pndm"}
 
 
 def scheduler_for(config: Mapping, name: str | None = None, source: str = "scheduler config") -> Scheduler:

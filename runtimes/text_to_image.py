@@ -102,8 +102,8 @@ class DiffusionPredictor(Predictor):
     ) -> np.ndarray:
         """The VAE's output for `prompt`, float32 `[batch, 3, height, width]` in [-1, 1] (`generate_image` rounds it).
 
-        `guidance` > 1 runs classifier-free guidance against `negative_prompt`. `scheduler` is "ddim", "euler"
-        or "dpm++2m" (None: the one the engine's scheduler_config.json names). `latents [batch, channels,
+        `guidance` > 1 runs classifier-free guidance against `negative_prompt`. `scheduler` is "ddim", "euler",
+        "dpm++2m" or "pndm" (None: the one the engine's scheduler_config.json names). `latents [batch, channels,
         height / f, width / f]` (f = `facts.vae_scale_factor`) are the starting noise, scaled by the scheduler's
         initial sigma as diffusers does; without them they are drawn from `seed` (numpy's generator, so
         they are not torch's for the same seed). Token ids may replace the text (`prompt_ids`, `[batch, text_length]`).

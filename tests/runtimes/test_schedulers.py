@@ -9,12 +9,15 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
 # Stable Diffusion 1.x's schedule (tiny-sd's), and diffusers' defaults; with the spacings and predictions configs use.
+# (skip_prk_steps is PNDM's; the others ignore it.)
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-          steps_offset=1, timestep_spacing="leading")
+          steps_offset=1, timestep_spacing="leading", skip_prk_steps=True)
 CONFIGS = {
     "sd": SD,
-    "linear-trailing-v": dict(beta_schedule="linear", timestep_spacing="trailing", prediction_type="v_prediction"),
-    "cosine-linspace": dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", clip_sample=False),
+    "linear-trailing-v": dict(beta_schedule="linear", timestep_spacing="trailing", prediction_type="v_prediction",
+                              skip_prk_steps=True),
+    "cosine-linspace": dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", clip_sample=False,
+                            skip_prk_steps=True),
 }
 
 
@@ -52,12 +55,13 @@ def test_a_loop_matches_diffusers(diffusers_class, name, config_name, steps):
     got_t, got = run_numpy(scheduler_for(dict(source.config), name), latents, steps)
     np.testing.assert_array_equal(got_t, want_t)
     assert got.dtype == np.float32
-    # torch.linspace rounds a few betas one float32 step apart from ours: relative error stays ~1e-6.
-    assert np.abs(got - want).max() <= 2e-5 * max(1.0, np.abs(want).max())
+    # torch.linspace rounds a few betas one float32 step apart from ours: the error stays ~1e-6 of the samples'
+    # range, up to 3e-5 where one step divides by the last cumulative alpha (4e-5 on a linear schedule).
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
 
 def test_a_config_of_one_scheduler_drives_another_as_from_config_does():
-    ddim_config = dict(diffusers.DDIMScheduler(**SD).config)
+    ddim_config = dict(diffusers.DDIMScheduler.from_config(SD).config, skip_prk_steps=True)
     for diffusers_class, name in DIFFUSERS_NAMES.items():
         source = getattr(diffusers, diffusers_class).from_config(ddim_config)
         latents = np.ones((1, 4, 4, 4), np.float32)
@@ -70,14 +74,15 @@ def test_a_config_of_one_scheduler_drives_another_as_from_config_does():
 def test_the_config_s_class_is_the_default_and_others_are_named():
     config = dict(diffusers.EulerDiscreteScheduler.from_config(SD).config, _class_name="EulerDiscreteScheduler")
     assert scheduler_for(config).name == "euler"
-    with pytest.raises(FeedError, match="PNDMScheduler.*pass scheduler= one of ddim, euler, dpm\\+\\+2m"):
-        scheduler_for(dict(config, _class_name="PNDMScheduler"))
+    with pytest.raises(FeedError, match="LMSDiscreteScheduler.*pass scheduler= one of ddim, euler, dpm\\+\\+2m, pndm"):
+        scheduler_for(dict(config, _class_name="LMSDiscreteScheduler"))
     with pytest.raises(FeedError, match="scheduler 'lms': expected one of " + ", ".join(SCHEDULERS).replace("+", "\\+")):
         scheduler_for(config, "lms")
 
 
 @pytest.mark.parametrize("key, value, name", [("use_karras_sigmas", True, "euler"), ("thresholding", True, "ddim"),
-                                              ("beta_schedule", "sigmoid", "ddim"), ("timestep_spacing", "odd", "euler")])
+                                              ("beta_schedule", "sigmoid", "ddim"), ("timestep_spacing", "odd", "euler"),
+                                              ("skip_prk_steps", False, "pndm")])
 def test_an_option_not_implemented_is_refused_naming_it(key, value, name):
     with pytest.raises(FeedError, match=key):
         loop = scheduler_for({key: value}, name, source="scheduler/scheduler_config.json")
