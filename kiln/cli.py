@@ -249,15 +249,27 @@ def _write_report(engine_dir: Path, manifest: dict, ops: dict, report_path: Path
                   trust_native_code: bool) -> None:
     from kiln.report import markdown_report
 
-    bench, plot_name = None, None
-    if with_bench:
+    import importlib
+
+    from kiln.kinds import kind_checks
+    from runtimes.engine_dir import engine_kind
+
+    bench, plot_name, bench_lines = None, None, None
+    kind = kind_checks(engine_kind(manifest))
+    if with_bench and kind.bench_module is not None:
+        measure = importlib.import_module(kind.bench_module)
+        bench = measure.bench([engine_dir], reference=True, rounds=2, trust_native_code=trust_native_code)
+        plot_name = report_path.with_suffix(".png").name
+        measure.plot(bench, report_path.with_name(plot_name))
+        bench_lines = measure.table(bench)
+    elif with_bench:
         from kiln.bench import BenchConfig, engine_candidate, plot, reference_candidate, run_bench
 
         candidates = [reference_candidate(engine_dir, 2), engine_candidate(engine_dir, 2, trust_native_code=trust_native_code)]
         bench = run_bench(candidates, BenchConfig(prompt_lengths=(32,), batches=(1,), new_tokens=16, rounds=2))
         plot_name = report_path.with_suffix(".png").name
         plot(bench, report_path.with_name(plot_name))
-    report_path.write_text(markdown_report(engine_dir, manifest, ops, bench, plot_name))
+    report_path.write_text(markdown_report(engine_dir, manifest, ops, bench, plot_name, kind.summary, bench_lines))
 
 
 @cli.command()

@@ -102,10 +102,12 @@ def test_int8_is_gated_on_psnr_and_ssim_against_diffusers(sd_engine, sd_source, 
     assert verify(int8, sd_source, "fp32")["passed"] is False
 
 
-def test_inspect_and_verify_read_the_kind_s_report(sd_engine):
-    shown = CliRunner().invoke(cli, ["inspect", str(sd_engine)])
+def test_inspect_and_verify_read_the_kind_s_report(sd_engine, tmp_path):
+    shown = CliRunner().invoke(cli, ["inspect", str(sd_engine), "--report", str(tmp_path / "report.md")])
     assert shown.exit_code == 0, shown.output
     assert "verified    passed; graphs within" in shown.output and "file        unet/model.onnx" in shown.output
+    page = (tmp_path / "report.md").read_text()
+    assert "| unet.out_sample |" in page and "end to end (ddim, 4 steps, guidance 7.5)" in page
     checked = CliRunner().invoke(cli, ["verify", str(sd_engine), "--json"])
     assert checked.exit_code == 0, checked.output
     assert json.loads(checked.stdout)["verification"]["end_to_end"]["max_pixel_error"] <= 1
