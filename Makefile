@@ -56,7 +56,7 @@ interop: install
 	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
 	$(OPTIMUM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(OPTIMUM_VENV)/bin/python -m pip freeze | grep -i '^torch==' > $(OPTIMUM_VENV)/constraints.txt
-	$(OPTIMUM_VENV)/bin/python -m pip install --quiet -c $(OPTIMUM_VENV)/constraints.txt optimum-onnx onnxruntime
+	$(OPTIMUM_VENV)/bin/python -m pip install --quiet -c $(OPTIMUM_VENV)/constraints.txt optimum-onnx onnxruntime diffusers
 	$(BIN)/python benchmarks/interop.py prepare build/interop
 	$(OPTIMUM_VENV)/bin/python benchmarks/interop.py check build/interop
 	$(BIN)/python benchmarks/interop.py foreign build/interop

@@ -9,8 +9,10 @@ optimum-onnx pins transformers < 4.58 and kiln needs transformers 5, so this run
 
 `prepare` saves a tiny random model per family (with a tokenizer), converts it for the CPU with kiln,
 records transformers' own greedy tokens, and builds the Llama one with onnxruntime-genai's model builder;
+it also converts the tiny-sd diffusion pipeline and records kiln's images from fixed latents;
 `check` loads each kiln engine dir unchanged into `ORTModelForCausalLM`, compares its greedy tokens (batch 1
-and a left-padded batch), and exports the Llama one with Optimum; `foreign` opens the Optimum export and
+and a left-padded batch), and exports the Llama one with Optimum; it loads the tiny-sd engine unchanged into
+`ORTStableDiffusionPipeline` and compares its images with kiln's (same latents, DDIM, 4 steps, guidance 7.5); `foreign` opens the Optimum export and
 the genai-builder folder with `kiln.load`, compares their tokens with transformers', and benchmarks all three
 side by side.
 """
@@ -29,6 +31,8 @@ FAMILIES = {
 COMMON = dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 PROMPTS = [[5, 17, 30, 42, 11], [7, 8], [9, 10, 11]]
 NEW_TOKENS = 8
+SD_PROMPTS = ["a red square", "a blue circle"]
+SD_RUN = dict(steps=4, guidance=7.5)
 
 
 def padded(prompts):
@@ -90,6 +94,22 @@ def prepare(folder: Path) -> None:
                    check=True, capture_output=True)
     print(f"llama: onnxruntime-genai's builder wrote {folder / 'llama-genai'}")
     (folder / "expected.json").write_text(json.dumps(results, indent=1))
+    prepare_diffusion(folder)
+
+
+def prepare_diffusion(folder: Path) -> None:
+    """The tiny-sd engine, and kiln's images from fixed latents (the scheduler its config names: DDIM)."""
+    import numpy as np
+
+    import kiln
+
+    engine = folder / "sd-engine"
+    kiln.convert("tiny-sd", output=engine, force=True)
+    latents = np.random.default_rng(0).standard_normal((len(SD_PROMPTS), 4, 16, 16), dtype=np.float32)
+    with kiln.load(engine) as pipeline:
+        images = pipeline.generate_image(SD_PROMPTS, steps=SD_RUN["steps"], guidance=SD_RUN["guidance"], latents=latents)
+    np.savez(folder / "sd-expected.npz", latents=latents, kiln=images)
+    print(f"tiny-sd: converted to {engine}; kiln's images recorded")
 
 
 def check(folder: Path) -> int:
@@ -112,7 +132,23 @@ def check(folder: Path) -> int:
 
     main_export(str(folder / "llama-source"), output=folder / "llama-optimum", task="text-generation-with-past")
     print(f"llama: Optimum exported {folder / 'llama-optimum'}")
-    return failures
+    return failures + check_diffusion(folder)
+
+
+def check_diffusion(folder: Path) -> int:
+    """The tiny-sd engine in Optimum's ORTStableDiffusionPipeline, as written: the same images as kiln's."""
+    import numpy as np
+    import torch
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    expected = np.load(folder / "sd-expected.npz")
+    pipeline = ORTStableDiffusionPipeline.from_pretrained(folder / "sd-engine")
+    images = pipeline(SD_PROMPTS, num_inference_steps=SD_RUN["steps"], guidance_scale=SD_RUN["guidance"],
+                      latents=torch.from_numpy(expected["latents"]), output_type="np").images
+    error = int(np.abs((images * 255).round().astype(np.int16) - expected["kiln"].astype(np.int16)).max())
+    print(f"tiny-sd: ORTStableDiffusionPipeline loaded the kiln engine as written ({type(pipeline.scheduler).__name__}); "
+          f"images {'within' if error <= 1 else 'NOT within'} 1/255 of kiln's from the same latents (max {error}/255)")
+    return int(error > 1)
 
 
 def foreign(folder: Path) -> int:

@@ -34,7 +34,7 @@ def capture_aoti(loaded: LoadedModel, out_dir: Path, device: str = "cpu", kiln_a
             args = torch.utils._pytree.tree_map(lambda a: a.to(device), graph.args)
             # Dim.DYNAMIC lets torch.export derive the relations between the axes (total = past + sequence)
             # that named Dims would have to spell out; the axes stay fully dynamic.
-            shapes = graph.dynamic_shapes(lambda name: Dim.DYNAMIC)
+            shapes = graph.dynamic_shapes(lambda name, **bounds: Dim.DYNAMIC)
             path = graph_path(out_dir, role, ".pt2")
             routed = kiln_attention_layers(loaded.module) if kiln_attention else contextlib.nullcontext()
             try:

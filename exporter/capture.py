@@ -71,7 +71,7 @@ def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = E
         except Exception as e:  # the exporter raises many types; all mean "this model cannot be captured"
             raise ExportError(export_failure(e)) from e
         _refuse_fixed_dims(program.model, signature, loaded)
-        _name_output_dims(program.model, signature)
+        _name_dims(program.model, signature)
         weight_bytes = sum(p.numel() * p.element_size() for p in graph.module.parameters())
         external = weight_bytes > external_data_threshold
         path = graph_path(out_dir, role, ".onnx")
@@ -94,13 +94,19 @@ def _refuse_fixed_dims(model, signature: Signature, loaded: LoadedModel) -> None
                 )
 
 
-def _name_output_dims(model, signature: Signature) -> None:
-    """Give outputs the contract's dim names; the exporter writes expressions like `past_sequence + sequence`."""
+def _name_dims(model, signature: Signature) -> None:
+    """Give inputs and outputs the contract's dim names; the exporter writes expressions like
+    `past_sequence + sequence` (outputs) or `2*latent_height_blocks` (an input declared a multiple)."""
     import onnx_ir as ir
 
     shapes = {t.name: t.shape for t in signature.outputs}
     for value in model.graph.outputs:
         value.shape = ir.Shape(list(shapes[value.name]))
+    declared = {t.name: t.shape for t in signature.inputs}
+    for value in model.graph.inputs:
+        dims = [want if isinstance(want, str) and not isinstance(got, int) else got
+                for want, got in zip(declared[value.name], value.shape)]
+        value.shape = ir.Shape(dims)
 
 
 def export_failure(error: Exception) -> str:

@@ -159,3 +159,8 @@ def model_facts(module, where: str) -> ModelFacts:
 def eager_functions(loaded) -> dict:
     """The source model in PyTorch eager per graph role: tensors in the signature's input order -> outputs."""
     return {"model": DecoderWithCache(loaded.module, loaded.facts.layers).flat_forward}
+
+
+def manifest_fields(loaded) -> dict:
+    """Nothing beyond the graphs: a decoder's sizes are in its signature and source config."""
+    return {}

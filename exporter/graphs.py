@@ -16,7 +16,8 @@ class GraphExport:
 
     module: Any  # torch.nn.Module
     args: tuple
-    # dim(name) -> a torch.export Dim (ONNX: named; AOTInductor: Dim.DYNAMIC) => `dynamic_shapes` for export
+    # dim(name, min=, max=) -> a torch.export Dim (ONNX: named, with those bounds; AOTInductor: Dim.DYNAMIC)
+    # => `dynamic_shapes` for export
     dynamic_shapes: Callable[[Callable[[str], Any]], Any]
     signature: Signature  # IO names in the order of the module's flattened inputs and outputs, with dim names
     capturing: Callable[[], ContextManager] = contextlib.nullcontext  # what must hold while it is captured
@@ -27,16 +28,23 @@ class ExportKind:
     """A model kind as the exporter sees it. `module` ("exporter.decoder_lm") provides `AUTO_CLASS`, the
     transformers class that builds and loads such models; `model_facts(module, where)`, its sizes (or
     ModelSourceError when the kind cannot carry it); `graphs(loaded) -> {role: GraphExport}`; and
-    `eager_functions(loaded) -> {role: callable}`, the source in PyTorch eager (flat tensors in and out)."""
+    `eager_functions(loaded) -> {role: callable}`, the source in PyTorch eager (flat tensors in and out); and
+    `manifest_fields(loaded) -> dict`, what the engine's manifest records of the kind beyond its graphs.
+
+    A kind whose sources are not transformers models (`folder_marker` set) loads them itself: its module adds
+    `FAMILY`, `build_preset(name, preset)`, `load_folder(folder) -> (source, weight files)`, `accepts(source)`
+    (a factory's result), `prepared(source)`, `source_config(source)` and `weights_sha256(source)`."""
 
     name: str
     module: str
+    folder_marker: str | None = None  # a source folder holding this file is of this kind (diffusers: model_index.json)
 
     def load(self):
         return importlib.import_module(self.module)
 
 
-KINDS = {k.name: k for k in (ExportKind("decoder-lm", "exporter.decoder_lm"),)}
+KINDS = {k.name: k for k in (ExportKind("decoder-lm", "exporter.decoder_lm"),
+                              ExportKind("diffusion", "exporter.diffusion", folder_marker="model_index.json"))}
 
 
 def export_kind(name: str, where: str) -> ExportKind:

@@ -1,6 +1,8 @@
 """Built-in presets: known architectures built from their config with seeded random weights.
 
 Tiny presets convert in seconds and serve the tests; `gpt2` is the 124M configuration for benchmarks.
+A preset of a kind that loads its own sources (`diffusion`) is built by that kind's `build_preset` from
+`config`, one entry per component.
 """
 from __future__ import annotations
 
@@ -26,6 +28,22 @@ _WINDOW = 8
 # The trained presets' corpus has 64 numbers; positions cover its 48-token sequences.
 _TRAINED = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+# A Stable-Diffusion-shaped pipeline small enough to export in seconds: the UNet keeps one downsampler, one
+# upsampler (latent sides multiples of 2) and one cross-attention block, without mid block; the VAE decodes
+# 2 pixels per latent pixel. Stable Diffusion's own scheduler settings, DDIM.
+_TINY_SD = dict(
+    text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=77, projection_dim=32),
+    unet=dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32), layers_per_block=0,
+              down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+              mid_block_type=None, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8),
+    vae=dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
+             layers_per_block=0, mid_block_add_attention=False),
+    scheduler=dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"),
+    tokenizer=dict(words=["red", "green", "blue", "square", "circle", "photo", "cat"], model_max_length=77),
+)
 
 PRESETS = {
     "tiny-gpt2": Preset(
@@ -91,6 +109,11 @@ PRESETS = {
              intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
         "Mixtral-shaped (4 experts, top 2), 2 layers, hidden 128, trained like tiny-trained",
         trained=True,
+    ),
+    "tiny-sd": Preset(
+        "stable-diffusion", _TINY_SD,
+        "Stable-Diffusion-shaped text-to-image pipeline (CLIP text encoder, UNet, VAE decoder, DDIM), 32x32 images",
+        kind="diffusion",
     ),
     "gpt2": Preset(
         "gpt2",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from exporter.errors import ModelSourceError
 from exporter.families import Family, family_of
-from exporter.graphs import export_kind
+from exporter.graphs import KINDS, export_kind
 from exporter.presets import PRESETS
 from runtimes.decoder_lm import ModelFacts
 
@@ -25,10 +25,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 
 @dataclass
 class LoadedModel:
-    module: "torch.nn.Module"  # a transformers causal LM, fp32, eval mode
+    module: "torch.nn.Module"  # a transformers causal LM, fp32, eval mode (or the source of another kind: a diffusers pipeline)
     family: Family
-    facts: ModelFacts
-    config: "transformers.PretrainedConfig"
+    facts: ModelFacts  # or the facts of another kind (runtimes.diffusion.PipelineFacts)
+    config: "transformers.PretrainedConfig"  # or a dict of the source's configs (a pipeline's, by component)
     spec: str
     origin: str  # "preset" | "folder" | "factory"
     weights_sha256: str
@@ -58,7 +58,10 @@ def _load_preset(name: str) -> LoadedModel:
     import transformers
 
     preset = PRESETS[name]
-    auto_class = getattr(transformers, export_kind(preset.kind, name).load().AUTO_CLASS)
+    kind = export_kind(preset.kind, name)
+    if kind.folder_marker:
+        return _own_source(kind, kind.load().build_preset(name, preset), name, "preset")
+    auto_class = getattr(transformers, kind.load().AUTO_CLASS)
     config = transformers.AutoConfig.for_model(preset.model_type, **preset.config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
@@ -84,10 +87,13 @@ def _load_factory(spec: str) -> LoadedModel:
     except AttributeError:
         raise ModelSourceError(f"{spec}: module {module_name!r} has no attribute {attr!r}") from None
     module = factory()
+    for kind in KINDS.values():
+        if kind.folder_marker and kind.load().accepts(module):
+            return _own_source(kind, module, spec, "factory")
     if not isinstance(module, torch.nn.Module) or not hasattr(module, "config"):
         raise ModelSourceError(
             f"{spec}: the factory returned {type(module).__name__}; expected a transformers causal LM "
-            "(an nn.Module with a transformers .config)"
+            "(an nn.Module with a transformers .config) or a diffusers pipeline"
         )
     return _loaded(module.float(), spec, "factory", state_dict_sha256(module), "decoder-lm")
 
@@ -98,8 +104,10 @@ def _load_folder(folder: Path, trust_remote_code: bool) -> LoadedModel:
 
     if not folder.is_dir():
         raise ModelSourceError(f"{folder}: no such model folder")
-    if (folder / "model_index.json").is_file():
-        export_kind("diffusion", f"{folder}/model_index.json")  # a diffusers pipeline: says what is supported
+    for own in KINDS.values():
+        if own.folder_marker and (folder / own.folder_marker).is_file():
+            source, weights = own.load().load_folder(folder)
+            return _own_source(own, source, str(folder), "folder", files_sha256(weights) if weights else None)
     kind = "decoder-lm"
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -154,6 +162,14 @@ def _model_class(config, auto_class):
     known = set(auto_class._model_mapping.values())
     return next((cls for name in getattr(config, "architectures", None) or []
                  if (cls := getattr(transformers, name, None)) in known and isinstance(config, cls.config_class)), None)
+
+
+def _own_source(kind, source, spec: str, origin: str, weights_sha256: str | None = None) -> LoadedModel:
+    """A LoadedModel of a kind that loads its own sources (`ExportKind.folder_marker`)."""
+    module = kind.load()
+    facts = module.model_facts(source, spec)
+    return LoadedModel(module.prepared(source), module.FAMILY, facts, module.source_config(source), spec, origin,
+                       weights_sha256 or module.weights_sha256(source), kind=kind.name)
 
 
 def _loaded(module, spec: str, origin: str, weights_sha256: str, kind: str) -> LoadedModel:

@@ -148,15 +148,18 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
     if verification.get("skipped"):
         click.echo("verification: skipped (--no-verify)")
     else:
-        logits = verification["logits"]
-        click.echo(
-            f"verification: passed; logits max abs error {logits['max_abs']:.2e} "
-            f"({logits['relative']:.2e} of range), top-1 agreement {logits['top1_agreement']:.2%} "
-            f"on {logits['decisive_positions']} positions ({logits['near_ties']} near-ties), KL {logits['kl_mean']:.2e}"
-        )
-        if logits["decisive_positions"] == 0:
+        click.echo("verification: " + _verification_line(manifest))
+        if verification.get("logits", {}).get("decisive_positions") == 0:
             click.echo("note: every position was a near-tie (flat logits, e.g. random weights): top-1 agreement says "
                        "nothing here; see tiny-trained for a model with confident predictions", err=True)
+
+
+def _verification_line(manifest: dict, report: dict | None = None) -> str:
+    """The engine's verification report (or `report`) in one line, as its model kind reads it."""
+    from kiln.kinds import kind_checks
+    from runtimes.engine_dir import engine_kind
+
+    return kind_checks(engine_kind(manifest)).summary(report or manifest["verification"])
 
 
 def _print_recipe(target: str, precision: str, as_json: bool) -> None:
@@ -236,9 +239,7 @@ def inspect(ctx, engine_dir, report_path, with_bench, trust_native_code, as_json
     if verification.get("skipped"):
         click.echo("verified    no (skipped)")
     else:
-        logits = verification["logits"]
-        click.echo(f"verified    {'passed' if verification['passed'] else 'FAILED'}; logits max abs {logits['max_abs']:.2e}, "
-                   f"top-1 {logits['top1_agreement']:.2%}, KL {logits['kl_mean']:.2e}")
+        click.echo("verified    " + _verification_line(manifest))
     for report in manifest.get("passes", []):
         changes = {**report["fused"], **report["quantized"]}
         click.echo(f"pass        {report['name']} {report['seconds']:.1f}s: "
@@ -253,15 +254,27 @@ def _write_report(engine_dir: Path, manifest: dict, ops: dict, report_path: Path
                   trust_native_code: bool) -> None:
     from kiln.report import markdown_report
 
-    bench, plot_name = None, None
-    if with_bench:
+    import importlib
+
+    from kiln.kinds import kind_checks
+    from runtimes.engine_dir import engine_kind
+
+    bench, plot_name, bench_lines = None, None, None
+    kind = kind_checks(engine_kind(manifest))
+    if with_bench and kind.bench_module is not None:
+        measure = importlib.import_module(kind.bench_module)
+        bench = measure.bench([engine_dir], reference=True, rounds=2, trust_native_code=trust_native_code)
+        plot_name = report_path.with_suffix(".png").name
+        measure.plot(bench, report_path.with_name(plot_name))
+        bench_lines = measure.table(bench)
+    elif with_bench:
         from kiln.bench import BenchConfig, engine_candidate, plot, reference_candidate, run_bench
 
         candidates = [reference_candidate(engine_dir, 2), engine_candidate(engine_dir, 2, trust_native_code=trust_native_code)]
         bench = run_bench(candidates, BenchConfig(prompt_lengths=(32,), batches=(1,), new_tokens=16, rounds=2))
         plot_name = report_path.with_suffix(".png").name
         plot(bench, report_path.with_name(plot_name))
-    report_path.write_text(markdown_report(engine_dir, manifest, ops, bench, plot_name))
+    report_path.write_text(markdown_report(engine_dir, manifest, ops, bench, plot_name, kind.summary, bench_lines))
 
 
 @cli.command()
@@ -342,21 +355,62 @@ def predict(ctx, engine_dir, inputs_path, output, as_json, device, trust):
 @click.option("--top-k", default=0, show_default=True, type=int, help="0 keeps every token.")
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
-@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--seed", type=int, help="Seed for reproducible sampling (images: of the starting noise, default 0).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Images: the PNG to write [default: image.png].")
+@click.option("--negative-prompt", default="", help="Images: what guidance steers away from.")
+@click.option("--steps", default=25, show_default=True, type=int, help="Images: denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="Images: classifier-free guidance scale.")
+@click.option("--height", type=int, help="Images: height in pixels [default: the UNet's size].")
+@click.option("--width", type=int, help="Images: width in pixels [default: the UNet's size].")
+@click.option("--scheduler", help="Images: ddim, euler, dpm++2m or pndm [default: the engine's scheduler_config.json].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of streaming.")
 @_device_option
 @_trust_options
 @click.pass_context
 def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temperature, top_k, top_p,
-             repetition_penalty, seed, as_json, device, trust):
-    """Generate from a prompt, printing tokens as they come."""
+             repetition_penalty, seed, output, negative_prompt, steps, guidance, height, width, scheduler, as_json, device, trust):
+    """Generate from a prompt: text, printing tokens as they come; or, from a diffusion engine, a PNG image."""
+    import runtimes
+
+    _json_mode(ctx, as_json)
+    with runtimes.load(engine_dir, device, **trust) as engine:
+        # A text-to-image engine (the diffusion kind's Predictor) makes pictures; a decoder streams tokens.
+        if hasattr(engine, "generate_image"):
+            _generate_image(engine, prompt, output or Path("image.png"), as_json, negative_prompt=negative_prompt,
+                            steps=steps, guidance=guidance, seed=seed or 0, height=height, width=width,
+                            scheduler=scheduler)
+        else:
+            _generate_tokens(engine, engine_dir, prompt, prompt_ids, max_new_tokens, as_json, do_sample=sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                             seed=seed)
+
+
+def _generate_image(engine, prompt: str | None, output: Path, as_json: bool, **options) -> None:
     import time
 
-    import runtimes
+    from kiln.errors import KilnError
+    from kiln.images import write_png
+
+    if prompt is None:
+        raise KilnError("give --prompt TEXT: a diffusion engine makes an image from text")
+    start = time.perf_counter()
+    image = engine.generate_image(prompt, **options)[0]
+    seconds = time.perf_counter() - start
+    write_png(output, image)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "exit_code": 0, "image": str(output), "height": image.shape[0],
+                               "width": image.shape[1], "seconds": round(seconds, 4)}, indent=2))
+    else:
+        click.echo(f"wrote {output} ({image.shape[1]}x{image.shape[0]}) in {seconds:.2f}s")
+
+
+def _generate_tokens(engine, engine_dir: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
+                     as_json: bool, **options) -> None:
+    import time
+
     from kiln.errors import KilnError
     from runtimes.engine_dir import read_manifest
 
-    _json_mode(ctx, as_json)
     if (prompt is None) == (prompt_ids is None):
         raise KilnError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if prompt_ids is not None:
@@ -367,24 +421,22 @@ def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temper
     else:
         prompts = prompt
     eos = read_manifest(engine_dir)["source"]["config"].get("eos_token_id")
-    with runtimes.load(engine_dir, device, **trust) as engine:
-        text = engine.tokenizer is not None and prompt is not None
-        produced: list[int] = []
-        shown = ""
-        start = time.perf_counter()
-        for tokens in engine.stream(prompts, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos, seed=seed):
-            produced.append(int(tokens[0]))
-            if as_json:
-                continue
-            if text:  # decode everything so far: a token can complete a multi-byte character
-                decoded = engine.tokenizer.decode(produced)
-                click.echo(decoded[len(shown):], nl=False)
-                shown = decoded
-            else:
-                click.echo(f"{produced[-1]} ", nl=False)
-        seconds = time.perf_counter() - start
-        completion = engine.tokenizer.decode(produced) if text else None
+    text = engine.tokenizer is not None and prompt is not None
+    produced: list[int] = []
+    shown = ""
+    start = time.perf_counter()
+    for tokens in engine.stream(prompts, max_new_tokens, eos_token_id=eos, **options):
+        produced.append(int(tokens[0]))
+        if as_json:
+            continue
+        if text:  # decode everything so far: a token can complete a multi-byte character
+            decoded = engine.tokenizer.decode(produced)
+            click.echo(decoded[len(shown):], nl=False)
+            shown = decoded
+        else:
+            click.echo(f"{produced[-1]} ", nl=False)
+    seconds = time.perf_counter() - start
+    completion = engine.tokenizer.decode(produced) if text else None
     if as_json:
         click.echo(json.dumps({"ok": True, "exit_code": 0, "tokens": produced, "text": completion,
                                "seconds": round(seconds, 4)}, indent=2))
@@ -406,9 +458,9 @@ def generate(ctx, engine_dir, prompt, prompt_ids, max_new_tokens, sample, temper
 def verify(ctx, engine_dir, source, precision, as_json, device, trust):
     """Check an engine's files against its manifest, then re-run its fidelity check against PyTorch."""
     import runtimes
-    from kiln.reference import load_reference
-    from kiln.verify import VerificationInputs, compare
-    from runtimes.engine_dir import read_manifest
+    from kiln.kinds import kind_checks
+    from kiln.reference import load_source
+    from runtimes.engine_dir import engine_kind, read_manifest
     from runtimes.foreign import is_foreign
 
     _json_mode(ctx, as_json)
@@ -416,30 +468,25 @@ def verify(ctx, engine_dir, source, precision, as_json, device, trust):
         _verify_against(engine_dir, source, precision, as_json, dict(trust, device=device))
         return
     manifest = read_manifest(engine_dir)
-    stored = manifest["verification"].get("inputs")
-    inputs = VerificationInputs(**stored) if stored else VerificationInputs()
     with runtimes.load(engine_dir, device, **trust) as engine:
-        report = compare(engine, load_reference(engine_dir), manifest["source"]["config"]["vocab_size"],
-                         manifest["precision"], inputs)
+        report = kind_checks(engine_kind(manifest)).verify(engine, load_source(engine_dir), manifest["precision"],
+                                                          profile=manifest.get("profile"))
     if not report["passed"]:
         raise VerificationFailed(f"{engine_dir}: verification failed: " + "; ".join(report["failures"]), report)
     if as_json:
         click.echo(json.dumps({"ok": True, "exit_code": 0, "files": "match the manifest", "verification": report}, indent=2))
         return
-    logits = report["logits"]
     click.echo(f"files: all {len(manifest['files'])} match the manifest")
-    click.echo(f"verification: passed; logits max abs error {logits['max_abs']:.2e}, top-1 {logits['top1_agreement']:.2%}, "
-               f"KL {logits['kl_mean']:.2e}")
+    click.echo("verification: " + _verification_line(manifest, report))
 
 
 def _verify_against(engine_dir: Path, source: str | None, precision: str, as_json: bool, trust: dict) -> None:
     """The fidelity check of any decoder folder against a PyTorch model (no manifest: no file check)."""
     import runtimes
     from exporter import load_model
-    from kiln.pipeline import verification_inputs
     from kiln.reference import reference_predictor
     from kiln.errors import KilnError
-    from kiln.verify import TOLERANCES, compare
+    from kiln.verify import TOLERANCES, compare, verification_inputs
     from runtimes.decoder_lm import contract_signature
 
     if precision not in TOLERANCES:
@@ -537,18 +584,38 @@ def serve(ctx, engine_dir, host, port, max_batch, max_queue, threads, api_key_fi
 @click.option("--new-tokens", default=32, show_default=True, type=int, help="Tokens generated per decode run.")
 @click.option("--rounds", default=3, show_default=True, type=int, help="Measured rounds, after one warm-up round.")
 @click.option("--threads", default=2, show_default=True, type=int, help="Threads per engine.")
+@click.option("--size", type=int, help="Diffusion engines: square image side in pixels [default: the engine's].")
+@click.option("--steps", default=10, show_default=True, type=int, help="Diffusion engines: denoising steps per image.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: decode tok/s with the bandwidth floor, prefill latency.")
 @click.option("--trust-native-code", is_flag=True, help="Load engines that carry native code (AOTInductor, TensorRT, torch ops).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
-def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batches, new_tokens, rounds, threads, plot_path,
-          trust_native_code, as_json):
-    """Measure engines side by side, interleaved in one process: prefill latency, first token, decode tok/s."""
+def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batches, new_tokens, rounds, threads, size, steps,
+          plot_path, trust_native_code, as_json):
+    """Measure engines side by side, interleaved in one process: prefill latency, first token, decode tok/s
+    (diffusion engines: seconds per UNet step and per image, beside diffusers with --reference)."""
+    import importlib
+
     from rich.console import Console
 
     from kiln.bench import BenchConfig, engine_candidate, plot, reference_candidate, run_bench
+    from kiln.kinds import kind_checks
+    from runtimes.engine_dir import engine_kind, read_manifest
+    from runtimes.foreign import is_foreign
 
     _json_mode(ctx, as_json)
+    kind = None if is_foreign(engine_dirs[0]) else kind_checks(engine_kind(read_manifest(engine_dirs[0])))
+    if kind is not None and kind.bench_module is not None:
+        measure = importlib.import_module(kind.bench_module)
+        with Console(stderr=True).status("benchmarking…") as status:
+            report = measure.bench(list(engine_dirs), reference=reference, threads=threads, rounds=rounds, size=size,
+                                   steps=steps, batch=_int_list(batches, "--batches")[0],
+                                   trust_native_code=trust_native_code, on_progress=status.update)
+        if plot_path:
+            measure.plot(report, plot_path)
+            report["plot"] = str(plot_path)
+        click.echo(json.dumps(report, indent=2) if as_json else "\n".join(measure.table(report)))
+        return
     config = BenchConfig(_int_list(prompt_lengths, "--prompt-lengths"), _int_list(batches, "--batches"),
                          new_tokens, rounds=rounds, threads=threads)
     candidates = [engine_candidate(path, threads, trust_native_code=trust_native_code) for path in engine_dirs]

@@ -1,6 +1,10 @@
-"""What other ONNX Runtime tools look for in a model folder, written into decoder engines so they load one
-as it is: Optimum's `ORTModelForCausalLM` reads `config.json` (and `generation_config.json`);
-onnxruntime-genai reads `genai_config.json` and the tokenizer files beside the graph.
+"""What other ONNX Runtime tools look for in a model folder, written into engines so they load one as it is.
+
+Decoder engines: Optimum's `ORTModelForCausalLM` reads `config.json` (and `generation_config.json`);
+onnxruntime-genai reads `genai_config.json` and the tokenizer files beside the graph. Diffusion engines are
+in Optimum's layout, which its `ORTStableDiffusionPipeline` loads: `model_index.json`, `scheduler/`,
+`tokenizer/` and a `config.json` beside each graph (the engine's own driver reads the scheduler and tokenizer
+from there too).
 """
 from __future__ import annotations
 
@@ -117,5 +121,49 @@ def write_decoder_files(loaded, workdir: Path, target, graphs: dict) -> dict:
     return entry
 
 
+# Optimum's folder for each graph role -> the diffusers component whose config.json it carries.
+_DIFFUSION_CONFIGS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+def write_diffusion_files(loaded, workdir: Path, target, graphs: dict) -> dict:
+    """Optimum's diffusion layout around the graphs; returns the manifest's `interop` entry."""
+    pipeline = loaded.module
+    pipeline.save_config(workdir)  # model_index.json
+    pipeline.scheduler.save_config(workdir / "scheduler")
+    tokenizer = workdir / "tokenizer"
+    pipeline.tokenizer.save_pretrained(tokenizer)
+    written = ["model_index.json", "scheduler/scheduler_config.json", *write_bpe_files(tokenizer)]
+    for role in graphs:
+        folder = Path(graphs[role]["file"]).parent
+        component = getattr(pipeline, _DIFFUSION_CONFIGS[role])
+        if hasattr(component.config, "to_json_file"):  # a transformers model (the text encoder)
+            component.config.to_json_file(workdir / folder / "config.json")
+        else:
+            component.save_config(workdir / folder)
+        written.append(f"{folder.as_posix()}/config.json")
+    other = sorted(g["file"] for g in graphs.values() if Path(g["file"]).suffix != ".onnx")
+    if other:  # an AOTInductor package, say: the layout's files serve the engine's own driver
+        return {"optimum": None, "optimum_reason": f"Optimum runs ONNX graphs; this engine's are {', '.join(other)}",
+                "files": written}
+    return {"optimum": "model_index.json", "files": written}
+
+
+def write_bpe_files(folder: Path) -> list[str]:
+    """`vocab.json` and `merges.txt` from a byte-pair `tokenizer.json`, where they are missing: transformers 5
+    saves only `tokenizer.json`, and older transformers (Optimum's environment) build CLIPTokenizer from the two."""
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    if model.get("type") != "BPE":
+        return []
+    written = []
+    if not (folder / "vocab.json").exists():
+        (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False) + "\n")
+        written.append(f"{folder.name}/vocab.json")
+    if not (folder / "merges.txt").exists():
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
+        written.append(f"{folder.name}/merges.txt")
+    return written
+
+
 # Model kind -> what it writes for other tools; a kind without an entry writes nothing.
-WRITERS = {"decoder-lm": write_decoder_files}
+WRITERS = {"decoder-lm": write_decoder_files, "diffusion": write_diffusion_files}

@@ -21,11 +21,12 @@ from kiln.backends import BuildRequest, backend_of, refuse_unhosted_passes
 from kiln.calibration import read_calibration
 from kiln.errors import KilnError, VerificationFailed
 from kiln.interop import WRITERS as INTEROP_WRITERS
+from kiln.kinds import kind_checks, refuse_ungated_precision
 from kiln.manifest import write_json, write_manifest
 from kiln.onnxscript_fixes import add_complex_unsqueeze, make_no_op_rules_exact
 from kiln.reference import reference_predictor
 from kiln.targets import missing_on_host, target_named
-from kiln.verify import VerificationInputs, compare
+from kiln.verify import compare, verification_inputs
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "tokenizer.model")
@@ -115,6 +116,8 @@ def convert(
             from exporter import load_model
 
             loaded = load_model(spec, trust_remote_code=trust_remote_code)
+            checks = kind_checks(loaded.kind)
+            refuse_ungated_precision(checks, precision, spec)
             if calibration is not None:
                 request.calibration = read_calibration(Path(calibration), loaded)
         with step("export"):
@@ -132,7 +135,7 @@ def convert(
                 "family": loaded.family.name,
                 "family_tested": loaded.family.tested,
                 "max_positions": loaded.family.max_positions_of(loaded.config),
-                "config": json.loads(loaded.config.to_json_string(use_diff=False)),
+                "config": loaded.config if isinstance(loaded.config, dict) else json.loads(loaded.config.to_json_string(use_diff=False)),
                 "weights_sha256": loaded.weights_sha256,
             },
             "target": target,
@@ -145,6 +148,7 @@ def convert(
             "tokenizer": tokenizer,
             "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graphs),
             **backend.manifest_fields(request, graphs, loaded),
+            **_kind_fields(loaded),
         }
         torch_ops = sorted({op for g in graphs.values() for op in g.torch_ops})
         if torch_ops:
@@ -162,14 +166,12 @@ def convert(
                 fields["graphs"][role]["signature"] = graph.signature.to_json()
             if verify:
                 with step("verify"):
-                    reference = reference_predictor(loaded, {role: g.signature for role, g in engine.graphs.items()})
-                    report = compare(engine, reference, loaded.facts.vocab_size, precision,
-                                     verification_inputs(loaded, fields.get("profile")))
+                    report = checks.verify(engine, loaded, precision, profile=fields.get("profile"))
             else:
                 report = {"skipped": True, "passed": None}
         if report.get("passed") is False:
             message = f"verification failed for {spec} ({target}, {precision}): " + "; ".join(report["failures"])
-            if pass_reports and backend.open_graph is not None:
+            if pass_reports and backend.open_graph is not None and checks.blame_passes:
                 report["error_by_pass"] = _error_by_pass(loaded, workdir / "blame", backend, request,
                                                          [r.name for r in pass_reports], engine.signature)
                 message += "; " + _blame(report["error_by_pass"])
@@ -199,6 +201,13 @@ def _capture(backend, loaded, workdir: Path, request: BuildRequest) -> dict:
                           "to convert)") from error
 
 
+def _kind_fields(loaded) -> dict:
+    """What the manifest records of the model's kind beyond its graphs (a diffusion pipeline's facts, say)."""
+    from exporter.graphs import export_kind
+
+    return export_kind(loaded.kind, loaded.spec).load().manifest_fields(loaded)
+
+
 def _captured_pass_reports(graphs: dict) -> list[dict]:
     """kiln_attention on an AOTInductor package, in the shape of an ONNX pass's report."""
     from optimizers import PassReport
@@ -213,10 +222,13 @@ def _captured_pass_reports(graphs: dict) -> list[dict]:
 def pass_context(loaded, request: BuildRequest):
     """What the passes may read: target, precision, the model's sizes and family record, options, calibration."""
     from optimizers import PassContext
+    from runtimes.decoder_lm import ModelFacts
 
     calibration = request.calibration
+    # Passes read a decoder's sizes (fusion counts its layers); another kind's facts mean nothing to them.
+    facts = loaded.facts if isinstance(loaded.facts, ModelFacts) else None
     return PassContext(
-        target=request.target.name, recipe=request.target.recipe, precision=request.precision, facts=loaded.facts,
+        target=request.target.name, recipe=request.target.recipe, precision=request.precision, facts=facts,
         family=loaded.family, options=request.pass_options,
         calibration=calibration.feeds if calibration else None,
         calibration_source=calibration.source if calibration else None,
@@ -259,11 +271,6 @@ def _error_by_pass(loaded, scratch: Path, backend, request: BuildRequest, passes
         after["growth"] = after["max_abs"] / max(before["max_abs"], 1e-12)
     figures[0]["growth"] = 1.0
     return figures
-
-
-def verification_inputs(loaded, profile: dict | None = None) -> VerificationInputs:
-    """The default inputs, fitted to the model's positions and to the engine's `profile` (its shape ranges)."""
-    return VerificationInputs().within(loaded.family.max_positions_of(loaded.config)).within_profile(profile)
 
 
 def _blame(figures: list[dict]) -> str:

@@ -18,13 +18,13 @@ def reference_predictor(loaded, signatures: dict[str, Signature]):
     return kind_predictor(loaded.kind)(graphs)
 
 
-def load_reference(engine_dir, trust_remote_code: bool = False):
-    """Load the model the engine's manifest names and wrap it as the reference Predictor.
+def load_source(engine_dir, trust_remote_code: bool = False):
+    """The source model the engine's manifest names (an exporter.LoadedModel).
 
     Refuses when the source's weights are no longer those the engine was built from.
     """
     from exporter import load_model
-    from runtimes.engine_dir import graph_entries, read_manifest
+    from runtimes.engine_dir import read_manifest
 
     manifest = read_manifest(Path(engine_dir))
     source = manifest["source"]
@@ -34,5 +34,14 @@ def load_reference(engine_dir, trust_remote_code: bool = False):
             f"{engine_dir}: source {source['spec']!r} has changed since the engine was built "
             f"(weights sha256 {loaded.weights_sha256[:12]}…, manifest says {source['weights_sha256'][:12]}…)"
         )
+    return loaded
+
+
+def load_reference(engine_dir, trust_remote_code: bool = False):
+    """Load the model the engine's manifest names and wrap it as the reference Predictor (see `load_source`)."""
+    from runtimes.engine_dir import graph_entries, read_manifest
+
+    loaded = load_source(engine_dir, trust_remote_code)
+    manifest = read_manifest(Path(engine_dir))
     signatures = {role: Signature.from_json(graph["signature"]) for role, graph in graph_entries(manifest).items()}
     return reference_predictor(loaded, signatures)

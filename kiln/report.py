@@ -7,7 +7,9 @@ from runtimes.engine_dir import engine_kind
 
 
 def markdown_report(engine_dir: Path, manifest: dict, ops: dict[str, int], bench: dict | None = None,
-                    plot_name: str | None = None) -> str:
+                    plot_name: str | None = None, summary=None, bench_lines: list[str] | None = None) -> str:
+    """The page; `summary(report)` reads a verification report of a kind other than decoder-lm in one line, and
+    `bench_lines` are that kind's bench table (its report's own shape)."""
     source, verification = manifest["source"], manifest["verification"]
     lines = [
         f"# {Path(engine_dir).name}",
@@ -28,6 +30,10 @@ def markdown_report(engine_dir: Path, manifest: dict, ops: dict[str, int], bench
     lines += ["", "## Fidelity against PyTorch", ""]
     if verification.get("skipped"):
         lines.append("Skipped (`--no-verify`).")
+    elif "logits" not in verification:  # another kind's report: its line, then each graph's outputs
+        lines += [summary(verification), "", "| graph output | max abs error | relative to range |", "| --- | --- | --- |"]
+        lines += [f"| {role}.{name} | {e['max_abs']:.3g} | {e['relative']:.3g} |"
+                  for role, outputs in verification.get("components", {}).items() for name, e in outputs.items()]
     else:
         logits = verification["logits"]
         lines += [
@@ -45,7 +51,12 @@ def markdown_report(engine_dir: Path, manifest: dict, ops: dict[str, int], bench
         lines.append(f"| {candidate['precision']} | {candidate.get('request_seconds', float('nan')):.3f} | "
                      f"{candidate.get('decode_tok_s', float('nan')):.1f} | {candidate.get('top1_agreement', float('nan')):.2%} | "
                      f"{candidate.get('rejected', 'chosen')} |")
-    if bench:
+    if bench_lines:
+        lines += ["", "## Bench", "", f"{bench['date']}, {bench['machine']['cpu']}, {bench['machine']['cores']} cores", "",
+                  *bench_lines]
+        if plot_name:
+            lines += ["", f"![bench]({plot_name})"]
+    elif bench:
         lines += ["", "## Bench", "", f"{bench['date']}, {bench['machine']['cpu']}, {bench['machine']['cores']} cores; "
                   f"read bandwidth {bench['read_bandwidth_gb_s']:.1f} GB/s", "",
                   "| engine | decode b1 tok/s | first token ms | floor b1 |", "| --- | --- | --- | --- |"]

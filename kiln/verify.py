@@ -156,3 +156,24 @@ def logits_fidelity(got: np.ndarray, want: np.ndarray) -> dict:
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def verification_inputs(loaded, profile: dict | None = None) -> VerificationInputs:
+    """The default inputs, fitted to the model's positions and to the engine's `profile` (its shape ranges)."""
+    return VerificationInputs().within(loaded.family.max_positions_of(loaded.config)).within_profile(profile)
+
+
+def verify_decoder(engine: Predictor, loaded, precision: str, profile: dict | None = None) -> dict:
+    """A decoder engine against its source in PyTorch eager: a prefill and decode steps on the same tokens."""
+    from kiln.reference import reference_predictor
+
+    reference = reference_predictor(loaded, {role: g.signature for role, g in engine.graphs.items()})
+    return compare(engine, reference, loaded.facts.vocab_size, precision, verification_inputs(loaded, profile))
+
+
+def decoder_summary(report: dict) -> str:
+    """A decoder verification report in one line."""
+    logits = report["logits"]
+    return (f"{'passed' if report['passed'] else 'FAILED'}; logits max abs error {logits['max_abs']:.2e} "
+            f"({logits['relative']:.2e} of range), top-1 agreement {logits['top1_agreement']:.2%} on "
+            f"{logits['decisive_positions']} positions ({logits['near_ties']} near-ties), KL {logits['kl_mean']:.2e}")

@@ -6,6 +6,8 @@ before the stock fusions, one (rotary cos/sin cache, for GroupQueryAttention) am
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import onnx_ir as ir
@@ -143,8 +145,27 @@ def _optimize_for_ort(model: ir.Model, rotary_cache: bool) -> tuple[ir.Model, di
     return model, counts
 
 
+@contextlib.contextmanager
+def _quiet_shape_inference():
+    """onnx's shape inference rejects some exported graphs (diffusers' UNet: a Reshape whose inferred target has two
+    -1s) and onnx_ir then logs the traceback as a warning and leaves the shapes as they were, which the fusions
+    tolerate: keep that traceback off the user's terminal."""
+    log = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Our pre-fusion rules, then `optimize_for_ort`'s fusions; details carry the rule counts and the attention verdict."""
+    with _quiet_shape_inference():
+        return _fusion(model, context)
+
+
+def _fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     shapes = _io_shapes(model)
     ir.passes.common.ShapeInferencePass()(model)  # the flat-Gemm check reads the activations' shapes
     own = {}

@@ -12,7 +12,7 @@ import numpy as np
 from runtimes.decoder_lm import GRAPHS, next_feeds, pad_to_buckets, prefill_feeds, strip_buckets, vocab_size
 from runtimes.errors import EngineError, FeedError
 from runtimes.predictor import Predictor
-from runtimes.tokenizer import encode_prompts
+from runtimes.tokenizer import encode_prompts, load_tokenizer
 
 
 class DecoderLMPredictor(Predictor):
@@ -27,6 +27,11 @@ class DecoderLMPredictor(Predictor):
         self.model = self.graphs["model"]
         self.signature = self.model.signature
         self.tokenizer = tokenizer
+
+    @classmethod
+    def from_engine_dir(cls, graphs: Mapping[str, Predictor], engine_dir, manifest: Mapping) -> DecoderLMPredictor:
+        """The Predictor over opened `graphs`, with the tokenizer the engine carries (if any)."""
+        return cls(graphs, tokenizer=load_tokenizer(engine_dir, manifest))
 
     def predict(self, feeds):
         if not self.model.shape_buckets:

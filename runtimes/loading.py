@@ -9,7 +9,6 @@ from runtimes.engine_dir import MANIFEST, check_files, engine_device, engine_kin
 from runtimes.foreign import is_foreign, load_foreign
 from runtimes.errors import EngineError
 from runtimes.predictor import Predictor
-from runtimes.tokenizer import load_tokenizer
 from runtimes.trust import check_pinned_digest, check_signature, refuse_untrusted_native_code
 
 # The manifest's backend -> "module:Class" of the adapter that runs one graph of it. kiln's backend records
@@ -19,9 +18,11 @@ ADAPTERS = {
     "tensorrt": "runtimes.tensorrt_adapter:TensorRTPredictor",
     "aoti": "runtimes.aoti_adapter:AotiPredictor",
 }
-# The manifest's kind -> "module:Class" of its Predictor, which takes the engine's graphs by role.
+# The manifest's kind -> "module:Class" of its Predictor; `Class.from_engine_dir(graphs, engine_dir, manifest)`
+# takes the engine's opened graphs by role and reads what else of the engine the kind needs (its tokenizer...).
 KINDS = {
     "decoder-lm": "runtimes.generate:DecoderLMPredictor",
+    "diffusion": "runtimes.text_to_image:DiffusionPredictor",
 }
 
 
@@ -66,7 +67,7 @@ def load(engine_dir, device: str | None = None, *, expect_digest: str | None = N
     try:
         for role, graph in graph_entries(manifest).items():
             graphs[role] = adapter.from_engine_dir(engine_dir, manifest, graph, device=device, **backend_options)
-        return kind(graphs, tokenizer=load_tokenizer(engine_dir, manifest))
+        return kind.from_engine_dir(graphs, engine_dir, manifest)
     except BaseException:
         for opened in graphs.values():
             opened.close()

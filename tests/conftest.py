@@ -9,8 +9,9 @@ import pytest
 
 from exporter.presets import PRESETS
 
-# One random-weight tiny preset per family: what every family's conversion test runs on.
-TINY_PRESETS = [name for name, preset in PRESETS.items() if name.startswith("tiny-") and not preset.trained]
+# One random-weight tiny decoder preset per family: what every family's conversion test runs on.
+TINY_PRESETS = [name for name, preset in PRESETS.items()
+                if name.startswith("tiny-") and not preset.trained and preset.kind == "decoder-lm"]
 
 
 def _missing_hardware() -> dict[str, str | None]:
@@ -58,6 +59,22 @@ def engine_dir(shared_dir):
     import kiln
 
     return lambda preset: build_once(shared_dir / "engines" / preset, lambda out: kiln.convert(preset, output=out))
+
+
+@pytest.fixture(scope="session")
+def sd_engine(shared_dir):
+    """A verified cpu/fp32 engine of the tiny-sd diffusion pipeline, converted once per run (about 40 s of CPU)."""
+    import kiln
+
+    return build_once(shared_dir / "engines" / "tiny-sd", lambda out: kiln.convert("tiny-sd", output=out))
+
+
+@pytest.fixture(scope="session")
+def sd_source():
+    """The tiny-sd diffusers pipeline the engine was built from (the reference), loaded once."""
+    from exporter import load_model
+
+    return load_model("tiny-sd")
 
 
 @pytest.fixture(scope="session")

@@ -46,3 +46,10 @@ def tiny_gemma4():
         sliding_window=8, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def tiny_sd():
+    """A diffusers pipeline: a factory spec of the diffusion kind."""
+    from exporter import load_model
+
+    return load_model("tiny-sd").module

@@ -19,7 +19,7 @@ ALLOWED = {
     "plugins": set(),
 }
 # What exporter and optimizers may import of runtimes: the kind contracts, the signature, the engine format.
-RUNTIMES_CONTRACTS = {"runtimes.decoder_lm", "runtimes.signature", "runtimes.engine_dir", "runtimes.errors"}
+RUNTIMES_CONTRACTS = {"runtimes.decoder_lm", "runtimes.diffusion", "runtimes.signature", "runtimes.engine_dir", "runtimes.errors"}
 BACKEND_NAMES = {"onnxruntime", "aoti", "tensorrt"}
 
 

@@ -7,6 +7,7 @@ replica) listens only once its engine is ready.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import time
@@ -24,10 +25,12 @@ from kiln.errors import KilnError
 from kiln.serve.chat import load_chat_template
 from kiln.serve.errors import BadRequest
 from kiln.serve.metrics import ServerMetrics
-from kiln.serve.requests import ChatRequest, CompletionRequest, GenerationParams, prompt_list
+from kiln.images import png_bytes
+from kiln.serve.requests import ChatRequest, CompletionRequest, GenerationParams, ImageRequest, prompt_list
 from kiln.serve.scheduler import QueueFull, Scheduler
 from runtimes.batching import Sampling, Sequence
 from runtimes.engine_dir import engine_facts
+from runtimes.errors import FeedError
 
 
 @dataclass(frozen=True)
@@ -58,30 +61,43 @@ def load_api_keys(path: Path) -> tuple[str, ...]:
 
 
 class EngineService:
-    """The loaded engine and what the API needs of it: tokenizer, limits, EOS tokens, the scheduler."""
+    """The loaded engine and what the API needs of it: for text, its tokenizer, limits, EOS tokens and the
+    continuous-batching scheduler; for images, one generation at a time in a worker thread."""
 
     def __init__(self, engine_dir: Path, options: ServeOptions, load_options: dict):
         self.engine_dir = Path(engine_dir)
+        self.options = options
         self.engine = runtimes.load(self.engine_dir, **load_options)
-        if not hasattr(self.engine, "stream"):
+        self.makes_text = hasattr(self.engine, "stream")  # what the engine's kind can do, not its name
+        self.makes_images = hasattr(self.engine, "generate_image")
+        if not (self.makes_text or self.makes_images):
             self.engine.close()
-            raise KilnError(f"{engine_dir}: kiln serve runs decoder-lm engines; this one has no token generation")
+            raise KilnError(f"{engine_dir}: kiln serve runs engines that generate text or images; this one does neither")
         facts = engine_facts(self.engine_dir)
         self.digest = facts.digest
         self.max_positions = facts.max_positions
         self.eos_token_ids = facts.eos_token_ids
-        self.vocab_size = self.engine.signature.outputs[0].shape[-1]
         self.tokenizer = self.engine.tokenizer
-        folder = self.engine_dir / facts.tokenizer_folder if facts.tokenizer_folder else None
-        self.chat_template = load_chat_template(folder, options.chat_template)
         self.model_name = options.model_name or self.engine_dir.name
-        self.scheduler = Scheduler(self.engine, max_batch=options.max_batch, max_queue=options.max_queue,
-                                   pad_token_id=facts.pad_token_id).start()
-        self.metrics = ServerMetrics(self.scheduler)
+        self.scheduler = None
+        if self.makes_text:
+            self.vocab_size = self.engine.signature.outputs[0].shape[-1]
+            folder = self.engine_dir / facts.tokenizer_folder if facts.tokenizer_folder else None
+            self.chat_template = load_chat_template(folder, options.chat_template)
+            self.scheduler = Scheduler(self.engine, max_batch=options.max_batch, max_queue=options.max_queue,
+                                       pad_token_id=facts.pad_token_id).start()
+        self.images_waiting = 0
+        self.image_lock = asyncio.Lock()
+        self.metrics = ServerMetrics(self.scheduler or _NoScheduler(self))
 
     def close(self) -> None:
-        self.scheduler.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         self.engine.close()
+
+    def require(self, able: bool, what: str) -> None:
+        if not able:
+            raise BadRequest("model", f"this engine does not {what}; see GET /v1/models")
 
     def encode(self, prompt, field: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
@@ -101,6 +117,21 @@ class EngineService:
         if self.max_positions and len(ids) + max_tokens > self.max_positions:
             raise BadRequest("max_tokens", f"the prompt's {len(ids)} tokens + max_tokens {max_tokens} exceed the "
                              f"engine's context of {self.max_positions} positions")
+
+
+class _NoScheduler:
+    """The metrics' view of an image engine: waiting and running image requests."""
+
+    def __init__(self, service):
+        self.service = service
+
+    @property
+    def queue_depth(self) -> int:
+        return max(self.service.images_waiting - 1, 0)
+
+    @property
+    def active(self) -> int:
+        return min(self.service.images_waiting, 1)
 
 
 class Run:
@@ -240,11 +271,14 @@ def build_app(engine_dir, options: ServeOptions = ServeOptions(), **load_options
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
+        makes = [kind for kind, able in (("text", service.makes_text), ("images", service.makes_images)) if able]
         return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "torchkiln", "max_model_len": service.max_positions}]}
+                                            "owned_by": "torchkiln", "max_model_len": service.max_positions,
+                                            "generates": makes}]}
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request):
+        service.require(service.makes_text, "generate text")
         arrived = time.perf_counter()
         params = GenerationParams.of(body, service.tokenizer is not None)
         prompts = [service.encode(p) for p in prompt_list(body.prompt)]
@@ -252,6 +286,7 @@ def build_app(engine_dir, options: ServeOptions = ServeOptions(), **load_options
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest, request: Request):
+        service.require(service.makes_text, "generate text")
         arrived = time.perf_counter()
         if service.chat_template is None or service.tokenizer is None:
             raise BadRequest("messages", "this engine's tokenizer has no chat template (serve it with --chat-template "
@@ -260,6 +295,26 @@ def build_app(engine_dir, options: ServeOptions = ServeOptions(), **load_options
         text = service.chat_template.render([m.model_dump() for m in body.messages])
         return await _respond(service, request, [service.encode(text, "messages")], params, arrived,
                               "chat.completion", body.stream)
+
+    @app.post("/v1/images/generations", dependencies=guarded)
+    async def images(body: ImageRequest):
+        service.require(service.makes_images, "generate images")
+        if service.images_waiting > options.max_queue:
+            raise QueueFull(f"{service.images_waiting} image requests are in flight already (--max-queue {options.max_queue})")
+        height, width = body.pixels()
+        service.images_waiting += 1
+        try:
+            async with service.image_lock:  # one image batch at a time: a step already uses every core
+                pictures = await asyncio.to_thread(
+                    service.engine.generate_image, [body.prompt] * body.n, negative_prompt=body.negative_prompt,
+                    steps=body.steps, guidance=body.guidance, seed=body.seed, height=height, width=width,
+                    scheduler=body.scheduler)
+        except FeedError as error:  # a size, batch or scheduler the engine refuses: its message names the allowed values
+            raise BadRequest("size" if "height" in str(error) or "width" in str(error) else "request", str(error)) from None
+        finally:
+            service.images_waiting -= 1
+        return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png_bytes(p)).decode()}
+                                                      for p in pictures]}
 
     return app
 

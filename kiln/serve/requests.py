@@ -6,6 +6,7 @@ as OpenAI-compatible servers do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,3 +73,28 @@ def prompt_list(prompt: Prompt) -> list:
     if not prompt:
         raise BadRequest("prompt", "is empty; send text or token ids")
     return list(prompt)
+
+
+class ImageRequest(BaseModel):
+    """OpenAI's image generation body, plus the diffusion knobs (`steps`, `guidance`, `seed`, `scheduler`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    n: int = Field(1, ge=1)
+    size: str | None = None  # "WIDTHxHEIGHT"; None: the engine's default size
+    response_format: Literal["b64_json"] = "b64_json"  # images are returned inline: the server keeps no files
+    negative_prompt: str = ""
+    steps: int = Field(25, ge=1, le=1000)
+    guidance: float = Field(7.5, ge=0.0)
+    seed: int = 0
+    scheduler: str | None = None
+
+    def pixels(self) -> tuple[int | None, int | None]:
+        """(height, width) from `size`."""
+        if self.size is None:
+            return None, None
+        width, x, height = self.size.partition("x")
+        if not (x and width.isdigit() and height.isdigit()):
+            raise BadRequest("size", f"expected WIDTHxHEIGHT in pixels, e.g. 512x512; got {self.size!r}")
+        return int(height), int(width)

@@ -236,3 +236,33 @@ def _wait_for(condition, timeout: float = 20) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.01)
+
+
+def test_a_diffusion_engine_serves_images_equal_to_generate_image(sd_engine):
+    import base64
+    import struct
+    import zlib
+
+    def pixels(png: bytes) -> np.ndarray:  # the server's PNGs: 8-bit RGB, filter 0 on every row
+        width, height = struct.unpack(">II", png[16:24])
+        data, at = b"", 8
+        while at < len(png):
+            length, kind = struct.unpack(">I4s", png[at:at + 8])
+            data += png[at + 8:at + 8 + length] if kind == b"IDAT" else b""
+            at += length + 12
+        rows = np.frombuffer(zlib.decompress(data), np.uint8).reshape(height, 1 + width * 3)
+        assert not rows[:, 0].any()
+        return rows[:, 1:].reshape(height, width, 3)
+
+    app = build_app(sd_engine, ServeOptions(), threads=1)
+    with live_server(app) as url:
+        body = {"prompt": "a red square", "n": 2, "steps": 2, "seed": 3, "size": "24x40"}
+        reply = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+        bad = httpx.post(f"{url}/v1/images/generations", json={**body, "size": "30x30"}, timeout=60)
+        text = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=60)
+        expected = app.state.service.engine.generate_image(["a red square"] * 2, steps=2, seed=3, height=40, width=24)
+    assert reply.status_code == 200, reply.text
+    images = [pixels(base64.b64decode(item["b64_json"])) for item in reply.json()["data"]]
+    assert np.array_equal(np.stack(images), expected)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"
+    assert text.status_code == 400 and "does not generate text" in text.json()["error"]["message"]

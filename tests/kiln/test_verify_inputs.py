@@ -15,7 +15,7 @@ def test_inputs_fit_the_engines_profile():
     """`--profile batch=1` (TensorRT, ONNX Runtime's TensorRT provider): verification feeds what the engine takes."""
     from types import SimpleNamespace
 
-    from kiln.pipeline import verification_inputs
+    from kiln.verify import verification_inputs
     from kiln.tensorrt_profile import parse_profile
 
     loaded = SimpleNamespace(family=SimpleNamespace(max_positions_of=lambda config: 256), config=None)
