@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtimes.decoder_lm import PRESENT_PREFIX, next_feeds, prefill_feeds
-from runtimes.generate import choose_next, left_pad
+from runtimes.generate import choose_next
 
 
 @dataclass
@@ -61,18 +61,27 @@ class Sequence:
             self.finish_reason = "length"
 
 
+@dataclass
+class Part:
+    """Rows on their way into the batch: their sequences, mask `[rows, columns]`, caches, pending tokens."""
+
+    rows: list[Sequence]
+    mask: np.ndarray
+    cache: dict[str, np.ndarray]
+    pending: np.ndarray
+
+
 class ContinuousBatch:
     """The running batch of one engine: `step(joining)` decodes every live row once and prefills newcomers.
 
-    Rows leave and join with one copy of the cache per step at most: finished rows and the padding columns no
-    remaining row needs are dropped, and newcomers are appended, the shorter side left-padded.
+    Rows leave and join in one rebuild of the arrays per step at most: finished rows and the padding columns
+    no remaining row needs are dropped, and newcomers are appended, the shorter side left-padded.
     Not thread-safe: one scheduler thread drives it.
     """
 
-    def __init__(self, predictor, pad_token_id: int = 0):
+    def __init__(self, predictor):
         self.predictor = predictor
         self.signature = predictor.signature
-        self.pad_token_id = pad_token_id
         self.rows: list[Sequence] = []
         self.mask = np.zeros((0, 0), dtype=np.int64)  # [rows, cached columns]
         self.cache: dict[str, np.ndarray] = {}  # present.* -> [rows, kv_heads, columns, dim]
@@ -85,9 +94,9 @@ class ContinuousBatch:
         """Decode one token for every row, then prefill `joining` (their first token); returns the sequences
         that got a token this step. Those that finished have left the batch when it returns."""
         stepped = self._decode() if self.rows else []
-        joined = self._prefill(list(joining)) if joining else None
-        if joined or any(row.finish_reason for row in self.rows):
-            self._rebuild(list(joining), *(joined or (None, None, None)))
+        newcomers = self._prefill(list(joining)) if joining else []
+        if newcomers or any(row.finish_reason for row in self.rows):
+            self._rebuild(newcomers)
         return stepped + list(joining)
 
     def leave(self, sequences: list[Sequence], reason: str = "cancelled") -> None:
@@ -106,41 +115,42 @@ class ContinuousBatch:
         self.pending = self._choose(self.rows, outputs["logits"][:, -1, :])
         return list(self.rows)
 
-    def _prefill(self, joining: list[Sequence]):
-        """The newcomers' (mask, cache, pending token) after their prefill."""
-        ids, mask = left_pad([s.prompt for s in joining], self.pad_token_id)
-        outputs = self.predictor.forward(prefill_feeds(self.signature, ids, mask))
-        pending = self._choose(joining, outputs["logits"][:, -1, :])
-        return mask, {name: array for name, array in outputs.items() if name.startswith(PRESENT_PREFIX)}, pending
+    def _prefill(self, joining: list[Sequence]) -> list[Part]:
+        """Prefill the newcomers, those of one prompt length together: a left-padded prefill of different
+        lengths would spend compute on its padding (half of it, for prompts of 8 to 64 tokens)."""
+        by_length: dict[int, list[Sequence]] = {}
+        for sequence in joining:
+            by_length.setdefault(len(sequence.prompt), []).append(sequence)
+        parts = []
+        for group in by_length.values():
+            ids = np.asarray([s.prompt for s in group], dtype=np.int64)
+            outputs = self.predictor.forward(prefill_feeds(self.signature, ids))
+            pending = self._choose(group, outputs["logits"][:, -1, :])
+            cache = {name: array for name, array in outputs.items() if name.startswith(PRESENT_PREFIX)}
+            parts.append(Part(group, np.ones_like(ids), cache, pending))
+        return parts
 
-    def _rebuild(self, joining: list[Sequence] = (), mask=None, cache=None, pending=None) -> None:
-        """One copy into fresh arrays: the unfinished rows without the columns none of them needs, then the
-        unfinished of `joining` (rows of `mask`, `cache`, `pending`), the shorter side left-padded."""
+    def _rebuild(self, newcomers: list[Part] = ()) -> None:
+        """One batch again from the unfinished rows, without the columns none of them needs, and the unfinished
+        newcomers, each part left-padded to the widest."""
         keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
-        added = [i for i, row in enumerate(joining) if row.finish_reason is None]
-        kept_mask = self.mask[keep]
-        first = int(np.argmax(kept_mask.any(axis=0))) if kept_mask.any() else kept_mask.shape[1]
-        kept_width = kept_mask.shape[1] - first
-        added_width = mask.shape[1] if added else 0
-        width = max(kept_width, added_width)
-
-        def merged(current: np.ndarray, new: np.ndarray | None, columns: int) -> np.ndarray:
-            like = current if new is None else new
-            shape = list(like.shape)
-            shape[0], shape[columns] = len(keep) + len(added), width
-            # np.empty, not np.zeros: calloc'd pages fault in on first write, which costs more than the copy.
-            out = np.empty(shape, dtype=like.dtype)
-            for rows, source, indices, start, used in ((out[: len(keep)], current, keep, first, kept_width),
-                                                       (out[len(keep):], new, added, 0, added_width)):
-                if indices:
-                    rows[_padding(columns, width - used)] = 0
-                    rows[_from_column(columns, width - used)] = np.take(source, indices, axis=0)[_from_column(columns, start)]
-            return out
-
-        self.mask = merged(self.mask, mask, 1)
-        self.cache = {name: merged(self.cache.get(name), (cache or {}).get(name), 2) for name in (cache or self.cache)}
-        self.pending = np.concatenate([self.pending[keep]] + ([pending[added]] if added else []))
-        self.rows = [self.rows[i] for i in keep] + [joining[i] for i in added]
+        parts = []
+        if keep:
+            mask = self.mask[keep]
+            first = int(np.argmax(mask.any(axis=0)))  # padding columns before it serve no kept row
+            cache = {name: np.take(array, keep, axis=0)[:, :, first:] for name, array in self.cache.items()}
+            parts.append(Part([self.rows[i] for i in keep], mask[:, first:], cache, self.pending[keep]))
+        for part in newcomers:
+            live = [i for i, row in enumerate(part.rows) if row.finish_reason is None]
+            if live:
+                parts.append(Part([part.rows[i] for i in live], part.mask[live],
+                                  {name: array[live] for name, array in part.cache.items()}, part.pending[live]))
+        width = max((part.mask.shape[1] for part in parts), default=0)
+        names = parts[0].cache if parts else {}
+        self.rows = [row for part in parts for row in part.rows]
+        self.mask = _stack_left_padded([part.mask for part in parts], width, 1, np.int64)
+        self.cache = {name: _stack_left_padded([part.cache[name] for part in parts], width, 2) for name in names}
+        self.pending = np.concatenate([part.pending for part in parts]) if parts else np.zeros((0, 1), np.int64)
 
     @staticmethod
     def _choose(rows: list[Sequence], logits: np.ndarray) -> np.ndarray:
@@ -153,11 +163,18 @@ class ContinuousBatch:
         return picked[:, None]
 
 
-def _from_column(axis: int, start: int) -> tuple:
-    """Index of the columns from `start` on in a batched array whose columns are `axis`."""
-    return (slice(None),) * axis + (slice(start, None),)
-
-
-def _padding(axis: int, width: int) -> tuple:
-    """Index of the first `width` columns (the left padding) in a batched array whose columns are `axis`."""
-    return (slice(None),) * axis + (slice(0, width),)
+def _stack_left_padded(arrays: list[np.ndarray], width: int, axis: int, dtype=None) -> np.ndarray:
+    """Stack `arrays` along rows, each left-padded with zeros to `width` on `axis` (the columns)."""
+    if not arrays:
+        return np.zeros((0, 0), dtype)
+    shape = list(arrays[0].shape)
+    shape[0], shape[axis] = sum(a.shape[0] for a in arrays), width
+    # np.empty, not np.zeros: calloc'd pages fault in on first write, which costs more than the copy.
+    out = np.empty(shape, arrays[0].dtype)
+    at = 0
+    for array in arrays:
+        block, pad = out[at: at + array.shape[0]], width - array.shape[axis]
+        block[(slice(None),) * axis + (slice(0, pad),)] = 0
+        block[(slice(None),) * axis + (slice(pad, None),)] = array
+        at += array.shape[0]
+    return out

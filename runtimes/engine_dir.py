@@ -78,7 +78,6 @@ class GenerationFacts:
     digest: str | None  # None for a folder torchkiln did not build
     max_positions: int | None  # the model's context; None when its config declares none
     eos_token_ids: tuple[int, ...]
-    pad_token_id: int
     tokenizer_folder: str | None
 
 
@@ -102,8 +101,7 @@ def engine_facts(engine_dir: Path) -> GenerationFacts:
         digest, positions, tokenizer = None, _config_positions(config), "."
     eos = config.get("eos_token_id")
     eos = () if eos is None else tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
-    pad = config.get("pad_token_id")
-    return GenerationFacts(digest, positions, eos, int(pad) if isinstance(pad, int) else 0, tokenizer)
+    return GenerationFacts(digest, positions, eos, tokenizer)
 
 
 def _config_positions(config: dict) -> int | None:

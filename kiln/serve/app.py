@@ -84,8 +84,7 @@ class EngineService:
             self.vocab_size = self.engine.signature.outputs[0].shape[-1]
             folder = self.engine_dir / facts.tokenizer_folder if facts.tokenizer_folder else None
             self.chat_template = load_chat_template(folder, options.chat_template)
-            self.scheduler = Scheduler(self.engine, max_batch=options.max_batch, max_queue=options.max_queue,
-                                       pad_token_id=facts.pad_token_id).start()
+            self.scheduler = Scheduler(self.engine, max_batch=options.max_batch, max_queue=options.max_queue).start()
         self.images_waiting = 0
         self.image_lock = asyncio.Lock()
         self.metrics = ServerMetrics(self.scheduler or _NoScheduler(self))

@@ -21,10 +21,10 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, predictor, *, max_batch: int = 32, max_queue: int = 256, pad_token_id: int = 0):
+    def __init__(self, predictor, *, max_batch: int = 32, max_queue: int = 256):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be at least 1 and max_queue at least 0, got {max_batch} and {max_queue}")
-        self.batch = ContinuousBatch(predictor, pad_token_id)
+        self.batch = ContinuousBatch(predictor)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting: deque[Sequence] = deque()
         self.listeners: dict[Sequence, Listener] = {}

@@ -186,7 +186,7 @@ def test_api_keys_guard_everything_but_health(engine, tmp_path):
 
 
 def test_sigterm_drains_in_flight_requests(engine, alone, tmp_path):
-    """`kiln serve` in its own process: SIGTERM while 6 requests are queued or decoding; all complete."""
+    """`kiln serve` in its own process: SIGTERM while requests are queued or decoding; all of them complete."""
     port = _free_port()
     command = [sys.executable, "-c", "from kiln.cli import main; main()", "serve", str(engine), "--port", str(port),
                "--max-batch", "1", "--threads", "1"]
@@ -194,12 +194,14 @@ def test_sigterm_drains_in_flight_requests(engine, alone, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for(lambda: _healthy(url), timeout=60)
-        prompts = _prompts(6, seed=2)
-        with ThreadPoolExecutor(6) as pool:
+        prompts = _prompts(10, seed=2)
+        with ThreadPoolExecutor(10) as pool:
             replies = [pool.submit(_complete, url, prompt=p, max_tokens=100) for p in prompts]
-            _wait_for(lambda: _metric(url, "kiln_queue_depth") >= 4)
+            _wait_for(lambda: _metric(url, "kiln_queue_depth") >= 1)
             process.send_signal(signal.SIGTERM)
+            unanswered = sum(not r.done() for r in replies)
             results = [r.result() for r in replies]
+        assert unanswered >= 2  # the signal came with requests still queued
         assert process.wait(60) == 0, process.stderr.read()
     finally:
         process.kill()
