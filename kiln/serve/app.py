@@ -1,5 +1,6 @@
-"""`kiln serve`: a decoder-LM engine behind an OpenAI-compatible HTTP API (FastAPI), every request decoded
-by one continuous-batching scheduler, Prometheus metrics, bearer-token access.
+"""`kiln serve`: an engine behind an OpenAI-compatible HTTP API (FastAPI): text engines through one
+continuous-batching scheduler, text-to-image engines one batch of images at a time; Prometheus metrics,
+bearer-token access.
 
 `build_app(engine_dir)` loads and checks the engine before it returns, so a server (uvicorn, or a Ray Serve
 replica) listens only once its engine is ready.
@@ -22,13 +23,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import runtimes
 from kiln.errors import KilnError
+from kiln.images import png_bytes
 from kiln.serve.chat import load_chat_template
 from kiln.serve.errors import BadRequest
 from kiln.serve.metrics import ServerMetrics
-from kiln.images import png_bytes
 from kiln.serve.requests import ChatRequest, CompletionRequest, GenerationParams, ImageRequest, prompt_list
 from kiln.serve.scheduler import QueueFull, Scheduler
-from runtimes.batching import Sampling, Sequence
+from runtimes.batching import Sequence
 from runtimes.engine_dir import engine_facts
 from runtimes.errors import FeedError
 
