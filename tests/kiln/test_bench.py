@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from kiln.cli import cli
@@ -23,7 +24,7 @@ def test_bench_json_and_plot(engine_dir, tmp_path):
         assert entry["first_token_ms"]["median"] > 0
     onnx_entry = report["engines"][2]
     assert onnx_entry["size_bytes"] > onnx_entry["weight_bytes"] > 0
-    assert onnx_entry["floor_tok_s"] == report["read_bandwidth_gb_s"] * 1e9 / onnx_entry["weight_bytes"]
+    assert onnx_entry["floor_tok_s"] == pytest.approx(report["read_bandwidth_gb_s"] * 1e9 / onnx_entry["weight_bytes"], rel=1e-9)
     assert report["engines"][0]["vs_first"]["decode_b1"] == 1.0
     image = matplotlib.image.imread(tmp_path / "bench.png")
     assert image.shape[0] > 200 and image.shape[1] > 400
