@@ -80,6 +80,11 @@ class Scheduler:
         self.init_noise_sigma = np.float32(1.0)
         self.timesteps = np.zeros(0)
 
+    @property
+    def final_alpha_cumprod(self) -> np.float32:
+        """The alpha after the last step (DDIM, PNDM): 1 with `set_alpha_to_one`, else the first timestep's."""
+        return np.float32(1.0) if self.config.get("set_alpha_to_one") else self.alphas_cumprod[0]
+
     def spacing_error(self) -> FeedError:
         return FeedError(f"{self.source}: timestep_spacing {self.config['timestep_spacing']!r} is not one of "
                          "linspace, leading, trailing")
@@ -98,10 +103,6 @@ class DDIM(Scheduler):
     name = "ddim"
     defaults = {"clip_sample": True, "set_alpha_to_one": True, "clip_sample_range": 1.0, "thresholding": False,
                 "timestep_spacing": "leading"}
-
-    def __init__(self, config: Mapping, source: str = "scheduler config"):
-        super().__init__(config, source)
-        self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
     def set_timesteps(self, steps: int) -> None:
         c = self.config
@@ -303,10 +304,6 @@ class PNDM(Scheduler):
 
     name = "pndm"
     defaults = {"skip_prk_steps": False, "set_alpha_to_one": False, "timestep_spacing": "leading"}
-
-    def __init__(self, config: Mapping, source: str = "scheduler config"):
-        super().__init__(config, source)
-        self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
     def set_timesteps(self, steps: int) -> None:
         c = self.config
