@@ -48,8 +48,11 @@ def pipeline():
 
 
 def main() -> None:
-    import onnxruntime as ort
     import torch
+
+    import runtimes
+    from kiln.backends import backend_named
+    from runtimes.engine_dir import read_manifest
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("engines", nargs="+", type=Path)
@@ -64,11 +67,11 @@ def main() -> None:
     unet = pipeline().unet.eval()
     variants = {"pytorch eager": lambda: unet(torch.from_numpy(feeds["sample"]), torch.tensor(500.0),
                                               torch.from_numpy(feeds["encoder_hidden_states"]))}
-    for engine in args.engines:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(str(engine / "unet" / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        variants[engine.name] = lambda session=session: session.run(None, feeds)
+    for engine in args.engines:  # each engine's UNet through its own adapter (ONNX Runtime, AOTInductor)
+        backend = backend_named(read_manifest(engine)["backend"])
+        predictor = runtimes.load(engine, trust_native_code=True, **backend.bench_options(args.threads))
+        unet_graph = predictor.components["unet"]
+        variants[engine.name] = lambda graph=unet_graph: graph.forward(feeds)
     times = {name: [] for name in variants}
     with torch.inference_mode():
         for round_ in range(args.rounds + 1):
