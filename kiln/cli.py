@@ -409,7 +409,7 @@ def _generate_tokens(engine, engine_dir: Path, prompt: str | None, prompt_ids: s
     import time
 
     from kiln.errors import KilnError
-    from runtimes.engine_dir import read_manifest
+    from runtimes.engine_dir import engine_facts
 
     if (prompt is None) == (prompt_ids is None):
         raise KilnError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -420,7 +420,7 @@ def _generate_tokens(engine, engine_dir: Path, prompt: str | None, prompt_ids: s
             raise KilnError(f"--prompt-ids: expected comma-separated integers, got {prompt_ids!r}") from None
     else:
         prompts = prompt
-    eos = read_manifest(engine_dir)["source"]["config"].get("eos_token_id")
+    eos = engine_facts(engine_dir).eos_token_ids
     text = engine.tokenizer is not None and prompt is not None
     produced: list[int] = []
     shown = ""

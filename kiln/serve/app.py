@@ -67,7 +67,6 @@ class EngineService:
 
     def __init__(self, engine_dir: Path, options: ServeOptions, load_options: dict):
         self.engine_dir = Path(engine_dir)
-        self.options = options
         self.engine = runtimes.load(self.engine_dir, **load_options)
         self.makes_text = hasattr(self.engine, "stream")  # what the engine's kind can do, not its name
         self.makes_images = hasattr(self.engine, "generate_image")

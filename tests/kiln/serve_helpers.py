@@ -43,3 +43,12 @@ class SlowEngine:
 def slow_down(app, delay: float) -> None:
     batch = app.state.service.scheduler.batch
     batch.predictor = SlowEngine(batch.predictor, delay)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,7 +15,7 @@ import pytest
 
 import runtimes
 from kiln.serve import ServeOptions, build_app
-from tests.kiln.serve_helpers import live_server, slow_down
+from tests.kiln.serve_helpers import free_port, live_server, slow_down
 
 ENGINE = "tiny-trained"  # trained: confident logits, and a tokenizer that spells each token as a number
 
@@ -187,7 +187,7 @@ def test_api_keys_guard_everything_but_health(engine, tmp_path):
 
 def test_sigterm_drains_in_flight_requests(engine, alone, tmp_path):
     """`kiln serve` in its own process: SIGTERM while requests are queued or decoding; all of them complete."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-c", "from kiln.cli import main; main()", "serve", str(engine), "--port", str(port),
                "--max-batch", "1", "--threads", "1"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -222,14 +222,6 @@ def _metric(url, name) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(condition, timeout: float = 20) -> None:

@@ -12,6 +12,7 @@ import pytest
 import runtimes
 from kiln.serve import ServeOptions
 from kiln.serve.ray_deployment import kiln_deployment
+from tests.kiln.serve_helpers import free_port
 
 ray = pytest.importorskip("ray", reason="Ray Serve is the `serve` extra; `make install` installs it")
 
@@ -25,7 +26,7 @@ def test_fifty_requests_survive_a_killed_replica(engine_dir):
     with runtimes.load(engine, threads=1) as predictor:
         alone = [predictor.generate([p], 24)[0].tolist() for p in prompts]
 
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -62,11 +63,3 @@ def test_fifty_requests_survive_a_killed_replica(engine_dir):
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
