@@ -197,7 +197,8 @@ def test_sigterm_drains_in_flight_requests(engine, alone, tmp_path):
         prompts = _prompts(10, seed=2)
         with ThreadPoolExecutor(10) as pool:
             replies = [pool.submit(_complete, url, prompt=p, max_tokens=100) for p in prompts]
-            _wait_for(lambda: _metric(url, "kiln_queue_depth") >= 1)
+            # Every request must be in the server before the signal: once draining, it accepts no new connection.
+            _wait_for(lambda: _arrived(url) == len(prompts))
             process.send_signal(signal.SIGTERM)
             unanswered = sum(not r.done() for r in replies)
             results = [r.result() for r in replies]
@@ -217,11 +218,12 @@ def _healthy(url) -> bool:
         return False
 
 
-def _metric(url, name) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+def _arrived(url) -> float:
+    """Completion requests the server holds or has answered: queued, decoding, or done."""
+    lines = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+    values = {line.split()[0]: float(line.split()[1]) for line in lines if line and not line.startswith("#")}
+    return (values["kiln_queue_depth"] + values["kiln_active_sequences"]
+            + values.get('kiln_requests_total{status="200"}', 0.0))
 
 
 def _wait_for(condition, timeout: float = 20) -> None:
