@@ -147,12 +147,14 @@ def model_facts(module, where: str) -> ModelFacts:
     # (kv_heads, key dim, value dim) per layer; keys and values share the head count.
     dims = tuple((layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in layers)
     kv_heads, key_dim, value_dim = dims[0]
+    windows = [getattr(layer, "sliding_window", None) or 0 for layer in layers]  # DynamicSlidingWindowLayer's
     heads = getattr(config, "num_attention_heads", None) or kv_heads
     return ModelFacts(
         layers=len(layers), heads=heads, kv_heads=kv_heads, head_dim=key_dim,
         hidden_size=getattr(config, "hidden_size", 0), vocab_size=out.logits.shape[-1],
         value_head_dim=value_dim if value_dim != key_dim else None,
         layer_caches=dims if len(set(dims)) > 1 else (),
+        attention_windows=tuple(windows) if any(windows) else (),
     )
 
 

@@ -149,6 +149,7 @@ def convert(
             "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graphs),
             **backend.manifest_fields(request, graphs, loaded),
             **_kind_fields(loaded),
+            **_cache_layout(pass_reports),
         }
         torch_ops = sorted({op for g in graphs.values() for op in g.torch_ops})
         if torch_ops:
@@ -208,6 +209,12 @@ def _kind_fields(loaded) -> dict:
     return export_kind(loaded.kind, loaded.spec).load().manifest_fields(loaded)
 
 
+def _cache_layout(pass_reports: list) -> dict:
+    """`cache_layout` where a pass chose one (fusion's GroupQueryAttention: "slot"); absent means "append"."""
+    layouts = {r.details["cache_layout"] for r in pass_reports if r.details.get("cache_layout")}
+    return {"cache_layout": layouts.pop()} if len(layouts) == 1 else {}
+
+
 def _captured_pass_reports(graphs: dict) -> list[dict]:
     """kiln_attention on an AOTInductor package, in the shape of an ONNX pass's report."""
     from optimizers import PassReport
@@ -227,9 +234,12 @@ def pass_context(loaded, request: BuildRequest):
     calibration = request.calibration
     # Passes read a decoder's sizes (fusion counts its layers); another kind's facts mean nothing to them.
     facts = loaded.facts if isinstance(loaded.facts, ModelFacts) else None
+    defaults = backend_of(request.target).pass_defaults(request.target)
+    options = {name: {**defaults.get(name, {}), **request.pass_options.get(name, {})}
+               for name in {*defaults, *request.pass_options}}
     return PassContext(
         target=request.target.name, recipe=request.target.recipe, precision=request.precision, facts=facts,
-        family=loaded.family, options=request.pass_options,
+        family=loaded.family, options=options,
         calibration=calibration.feeds if calibration else None,
         calibration_source=calibration.source if calibration else None,
     )

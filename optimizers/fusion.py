@@ -15,6 +15,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
 
 from optimizers.pass_types import Pass, PassContext, PassOption
+from runtimes.decoder_lm import APPEND, SLOT
 
 ATTENTION_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention")
 _PAST_INPUT = {"MultiHeadAttention": 6, "GroupQueryAttention": 3, "Attention": 4}  # index of the past (key)
@@ -124,7 +125,9 @@ def _optimize_for_ort(model: ir.Model, rotary_cache: bool) -> tuple[ir.Model, di
     ir.passes.common.CommonSubexpressionEliminationPass()(model)
     fuse("partial_rotary_embedding", core.fuse_partial_rotary_embedding)
     fuse("sdpa", core.fuse_sdpa, apply_shape_inference=True)
+    scales = [n.attributes.get_float("scale") for n in model.graph.all_nodes() if n.op_type == "SDPA"]
     fuse("gqa", core.fuse_gqa)
+    _carry_scales(model, scales)
     fuse("packed_qkv_for_gqa", core.fuse_qkv_gqa)
     fuse("mha1", core.fuse_mha1)
     fuse("mha2", core.fuse_mha2)
@@ -171,13 +174,25 @@ def _fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     own = {}
     for rule in (FLAT_GEMM_TO_MATMUL, GELU_TANH_HALF_FIRST):
         own[rule.name] = pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
-    # GroupQueryAttention takes positions and cache lengths from the mask's count of ones: right for batch 1
-    # and unpadded batches, wrong for left-padded rows (measured: logits off by 0.8 on tiny-llama). Opt-in.
+    # GroupQueryAttention reads each row's cache from column 0 up to its position (onnxscript derives the
+    # lengths from position_ids), so its engines take right-padded rows: the SLOT cache layout. A graph where
+    # only some layers became GQA could follow neither layout; it is fused again without GQA.
     gqa = context.option("fusion", "gqa")
+    backup = model.clone() if gqa else None  # clone(): onnx_ir shares the weights' data, not copied
     model, counts = _optimize_for_ort(model, rotary_cache=gqa)
+    attention = _attention_nodes(model)
+    grouped = sum(n.op_type == "GroupQueryAttention" for n in attention)
+    mixed = 0 < grouped < len(attention)
+    windows = context.facts.attention_windows if context.facts else ()
+    if grouped and windows and grouped != len(windows):
+        mixed = True  # which node is which layer is unknown: a sliding window could land on the wrong one
+    elif grouped and not mixed:
+        _set_windows(attention, windows)
+    if mixed:
+        model, counts = _optimize_for_ort(backup, rotary_cache=False)
+        attention = _attention_nodes(model)
+    del backup
     _restore_io_shapes(model, shapes)
-    nodes = list(model.graph.all_nodes())
-    attention = [n for n in nodes if n.op_type in ATTENTION_OPS and n.domain == "com.microsoft"]
     # With a past input the op owns the cache update (no Concat outside it).
     with_cache = sum(
         1 for n in attention
@@ -185,7 +200,10 @@ def _fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     )
     layers = context.facts.layers if context.facts else None
     unfused = unfused_attention(model)
+    layout = SLOT if attention and not mixed and grouped == len(attention) else APPEND
     return model, {
+        "cache_layout": layout,
+        "gqa_undone": f"{grouped} of {len(attention)} attention layers formed GroupQueryAttention" if mixed else "",
         "rules": {**{k: v for k, v in own.items() if v}, **{k: v for k, v in counts.items() if v}},
         "attention_nodes": len(attention),
         "attention_with_cache": with_cache,
@@ -193,6 +211,30 @@ def _fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
         "attention_unfused": unfused,
         "attention_note": (context.family.fusion_note if context.family else "") or "; ".join(unfused),
     }
+
+
+def _carry_scales(model: ir.Model, scales: list[float | None]) -> None:
+    """onnxscript's GQA rule drops the SDPA's `scale` (its comment: "skipped optional attributes"); put each back
+    (Gemma's query_pre_attn_scalar: without it, logits off by 0.54 on tiny-gemma3). Nodes keep layer order."""
+    grouped = [n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention"]
+    if len(grouped) != len(scales):
+        return  # not every SDPA became GQA: the caller undoes GQA for such a graph
+    for node, scale in zip(grouped, scales):
+        if scale is not None:
+            node.attributes["scale"] = ir.AttrFloat32("scale", scale)
+
+
+def _set_windows(attention: list[ir.Node], windows: tuple[int, ...]) -> None:
+    """GroupQueryAttention's `local_window_size` per layer (nodes in layer order): onnxscript's rule matches a
+    sliding-window mask as if it were causal only. The window is the config's `sliding_window` as it is (the
+    setting onnxruntime-genai's builder writes; window - 1 fails verification on tiny-mistral)."""
+    for node, window in zip(attention, windows):
+        if window:
+            node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", window)
+
+
+def _attention_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph.all_nodes() if n.op_type in ATTENTION_OPS and n.domain == "com.microsoft"]
 
 
 # What an op on the way from QK^T to the softmax means, where it is why no fused attention op fits.
@@ -247,7 +289,8 @@ def _score_path(softmax: ir.Node, depth: int = 12) -> list[str] | None:
 FUSION = Pass(
     "fusion", fusion, "ONNX Runtime fused ops: attention, skip/RMS norms, GELU (onnxscript ort_fusions)",
     options=(
-        PassOption("gqa", bool, False, "form GroupQueryAttention (rotary and cache inside); wrong for left-padded batches"),
+        PassOption("gqa", bool, True, "form GroupQueryAttention (rotary and cache inside); its engines take "
+                   "right-padded batches (cache layout 'slot')"),
     ),
     creates=(
         "com.microsoft::MultiHeadAttention", "com.microsoft::GroupQueryAttention", "com.microsoft::Attention",

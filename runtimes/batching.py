@@ -1,9 +1,8 @@
 """Continuous batching for the decoder-LM kind: sequences join and leave one running batch between steps.
 
-Rows of different lengths share the batch by left padding, zeros in `attention_mask` and in the caches, the
-way a left-padded `generate` already runs on every engine: no other graph is needed, so it works on every
-backend. (A fused attention with per-row sequence lengths would skip the padded columns; that is the
-shared-buffer GQA path, not yet the decoder graphs' contract.) Padding columns that no row needs any more are
+Rows of different lengths share the batch by padding, zeros in `attention_mask` and in the caches, the way a
+padded `generate` runs on the engine: on the left for the APPEND cache layout, on the right for SLOT
+(GroupQueryAttention, which then skips each row's padding). Padding columns that no row needs any more are
 dropped when rows leave, so a batch is never wider than its longest live row.
 
 Each row decodes as it would alone: its positions come from its own mask, its sampler from its own seed.
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtimes.decoder_lm import PRESENT_PREFIX, next_feeds, prefill_feeds
+from runtimes.decoder_lm import APPEND, PRESENT_PREFIX, SLOT, next_feeds, prefill_feeds
 from runtimes.generate import choose_next
 
 
@@ -82,6 +81,7 @@ class ContinuousBatch:
     def __init__(self, predictor):
         self.predictor = predictor
         self.signature = predictor.signature
+        self.layout = getattr(predictor, "cache_layout", APPEND)
         self.rows: list[Sequence] = []
         self.mask = np.zeros((0, 0), dtype=np.int64)  # [rows, cached columns]
         self.cache: dict[str, np.ndarray] = {}  # present.* -> [rows, kv_heads, columns, dim]
@@ -108,7 +108,7 @@ class ContinuousBatch:
             self._rebuild()
 
     def _decode(self) -> list[Sequence]:
-        feeds = next_feeds(self.signature, {"attention_mask": self.mask}, self.cache, self.pending)
+        feeds = next_feeds(self.signature, {"attention_mask": self.mask}, self.cache, self.pending, layout=self.layout)
         outputs = self.predictor.forward(feeds)
         self.mask = feeds["attention_mask"]
         self.cache = {name: outputs[name] for name in self.cache}
@@ -132,14 +132,15 @@ class ContinuousBatch:
 
     def _rebuild(self, newcomers: list[Part] = ()) -> None:
         """One batch again from the unfinished rows, without the columns none of them needs, and the unfinished
-        newcomers, each part left-padded to the widest."""
+        newcomers, each part padded to the widest."""
         keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
         parts = []
         if keep:
             mask = self.mask[keep]
-            first = int(np.argmax(mask.any(axis=0)))  # padding columns before it serve no kept row
-            cache = {name: np.take(array, keep, axis=0)[:, :, first:] for name, array in self.cache.items()}
-            parts.append(Part([self.rows[i] for i in keep], mask[:, first:], cache, self.pending[keep]))
+            used = np.flatnonzero(mask.any(axis=0))  # the padding columns outside serve no kept row
+            columns = slice(used[0], used[-1] + 1) if used.size else slice(0, 0)
+            cache = {name: np.take(array, keep, axis=0)[:, :, columns] for name, array in self.cache.items()}
+            parts.append(Part([self.rows[i] for i in keep], mask[:, columns], cache, self.pending[keep]))
         for part in newcomers:
             live = [i for i, row in enumerate(part.rows) if row.finish_reason is None]
             if live:
@@ -148,8 +149,9 @@ class ContinuousBatch:
         width = max((part.mask.shape[1] for part in parts), default=0)
         names = parts[0].cache if parts else {}
         self.rows = [row for part in parts for row in part.rows]
-        self.mask = _stack_left_padded([part.mask for part in parts], width, 1, np.int64)
-        self.cache = {name: _stack_left_padded([part.cache[name] for part in parts], width, 2) for name in names}
+        left = self.layout != SLOT
+        self.mask = _stack_padded([part.mask for part in parts], width, 1, left, np.int64)
+        self.cache = {name: _stack_padded([part.cache[name] for part in parts], width, 2, left) for name in names}
         self.pending = np.concatenate([part.pending for part in parts]) if parts else np.zeros((0, 1), np.int64)
 
     @staticmethod
@@ -163,8 +165,8 @@ class ContinuousBatch:
         return picked[:, None]
 
 
-def _stack_left_padded(arrays: list[np.ndarray], width: int, axis: int, dtype=None) -> np.ndarray:
-    """Stack `arrays` along rows, each left-padded with zeros to `width` on `axis` (the columns)."""
+def _stack_padded(arrays: list[np.ndarray], width: int, axis: int, left: bool, dtype=None) -> np.ndarray:
+    """Stack `arrays` along rows, each padded with zeros to `width` on `axis` (the columns), on the `left` or right."""
     if not arrays:
         return np.zeros((0, 0), dtype)
     shape = list(arrays[0].shape)
@@ -174,7 +176,8 @@ def _stack_left_padded(arrays: list[np.ndarray], width: int, axis: int, dtype=No
     at = 0
     for array in arrays:
         block, pad = out[at: at + array.shape[0]], width - array.shape[axis]
-        block[(slice(None),) * axis + (slice(0, pad),)] = 0
-        block[(slice(None),) * axis + (slice(pad, None),)] = array
+        zeros, data = (slice(0, pad), slice(pad, None)) if left else (slice(width - pad, None), slice(0, width - pad))
+        block[(slice(None),) * axis + (zeros,)] = 0
+        block[(slice(None),) * axis + (data,)] = array
         at += array.shape[0]
     return out

@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from runtimes.errors import FeedError
 from runtimes.signature import Signature, TensorSpec
 
 KIND = "decoder-lm"
@@ -24,6 +25,15 @@ PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 # Dims that follow from others: a step's caches hold the past and the new tokens.
 DERIVED_DIMS = {"total_sequence": ("past_sequence", "sequence")}
+
+# Where a row's tokens sit in its cache columns; an engine's manifest records its `cache_layout`.
+# APPEND: a step's tokens join every row as new last columns (a Concat in the graph); prompts are left-padded,
+#   so every row's last token is in the last column. Every graph of this kind can run so.
+# SLOT: row i's tokens fill its columns 0..n-1 and a step writes each token at the column of its position
+#   (GroupQueryAttention, which reads positions and ignores the mask); prompts are right-padded, and the mask
+#   is each row's ones followed by zeros.
+APPEND, SLOT = "append", "slot"
+CACHE_LAYOUTS = (APPEND, SLOT)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class ModelFacts:
     # (kv_heads, key dim, value dim) of each layer, where layers differ (Gemma 4's global layers have wider
     # heads than its sliding ones); empty when every layer has the sizes above.
     layer_caches: tuple[tuple[int, int, int], ...] = ()
+    # Each layer's sliding window (the keys a query sees, itself included; 0: all), where any layer slides.
+    attention_windows: tuple[int, ...] = ()
 
     @property
     def value_dim(self) -> int:
@@ -120,17 +132,64 @@ def prefill_feeds(signature: Signature, ids: np.ndarray, mask: np.ndarray | None
 
 
 def next_feeds(signature: Signature, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
-               new_ids: np.ndarray, new_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The step after `feeds`: `new_ids [batch, n]` appended behind the cache `outputs` returned.
+               new_ids: np.ndarray, new_mask: np.ndarray | None = None, layout: str = APPEND) -> dict[str, np.ndarray]:
+    """The step after `feeds`: `new_ids [batch, n]` behind the cache `outputs` returned, in the engine's `layout`.
 
-    `new_mask [batch, n]` marks which new tokens are real (default: all); positions continue each row's count.
+    `new_mask [batch, n]` marks which new tokens are real (default: all; APPEND only: a SLOT row has no column
+    to leave empty); positions continue each row's count.
     """
+    return {**step_inputs(feeds["attention_mask"], new_ids, new_mask, layout), **carried_cache(signature, outputs)}
+
+
+def step_inputs(mask: np.ndarray, new_ids: np.ndarray, new_mask: np.ndarray | None = None,
+                layout: str = APPEND) -> dict[str, np.ndarray]:
+    """`input_ids`, `attention_mask` and `position_ids` of the step that puts `new_ids` behind a cache whose
+    columns `mask` describes; `next_feeds` without the cache."""
     new_ids = np.asarray(new_ids, dtype=np.int64)
+    if layout == SLOT:
+        if new_mask is not None and not np.all(new_mask):
+            raise FeedError("new_mask: an engine whose cache layout is 'slot' takes real tokens only")
+        positions = mask.sum(axis=1)[:, None] + np.arange(new_ids.shape[1])
+        width = int(positions.max(initial=-1)) + 1
+        mask = (np.arange(width)[None, :] <= positions[:, -1:]).astype(np.int64)
+        return {"input_ids": new_ids, "attention_mask": mask, "position_ids": positions.astype(np.int64)}
     new_mask = np.ones_like(new_ids) if new_mask is None else np.asarray(new_mask, dtype=np.int64)
-    mask = np.concatenate([feeds["attention_mask"], new_mask], axis=1)
-    positions = positions_of(mask)[:, -new_ids.shape[1]:]
-    return {"input_ids": new_ids, "attention_mask": mask, "position_ids": positions,
-            **carried_cache(signature, outputs)}
+    mask = np.concatenate([mask, new_mask], axis=1)
+    return {"input_ids": new_ids, "attention_mask": mask, "position_ids": positions_of(mask)[:, -new_ids.shape[1]:]}
+
+
+def pad_prompts(prompts, pad_token_id: int = 0, layout: str = APPEND) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts (a `[batch, seq]` array or a list of token lists) -> (input_ids, attention_mask), the shorter
+    ones padded on the left for APPEND (every row's last token in the last column), on the right for SLOT."""
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim != 2:
+            raise FeedError(f"prompts: expected token ids [batch, sequence], got shape {list(prompts.shape)}")
+        prompts = prompts.tolist()
+    rows = [list(p) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise FeedError("prompts: every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        columns = slice(0, len(row)) if layout == SLOT else slice(width - len(row), width)
+        ids[i, columns] = row
+        mask[i, columns] = 1
+    return ids, mask
+
+
+def last_token_logits(logits: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
+    """`logits [batch, n, vocab]` of each row's last real new token (`new_mask [batch, n]`), `[batch, vocab]`."""
+    last = new_mask.shape[1] - 1 - np.argmax(new_mask[:, ::-1] != 0, axis=1)
+    return logits[np.arange(logits.shape[0]), last]
+
+
+def check_layout(layout: str, mask: np.ndarray) -> None:
+    """A SLOT engine reads each row's tokens from column 0: refuse a left-padded mask, which it would misread."""
+    if layout == SLOT and mask.size and not mask[:, 0].all():
+        raise FeedError("attention_mask: this engine's attention (GroupQueryAttention) reads each row's tokens from "
+                        "column 0, so rows must be padded on the right (ones, then zeros); a row here starts with "
+                        "padding. Pad on the right, or convert with --pass-option fusion.gqa=false for left padding")
 
 
 def bucket(length: int) -> int:

@@ -9,7 +9,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from runtimes.decoder_lm import GRAPHS, next_feeds, pad_to_buckets, prefill_feeds, strip_buckets, vocab_size
+from runtimes.decoder_lm import (APPEND, GRAPHS, SLOT, check_layout, last_token_logits, next_feeds, pad_prompts, pad_to_buckets,
+                                 prefill_feeds, strip_buckets, vocab_size)
 from runtimes.errors import EngineError, FeedError
 from runtimes.predictor import Predictor
 from runtimes.tokenizer import encode_prompts, load_tokenizer
@@ -20,20 +21,24 @@ class DecoderLMPredictor(Predictor):
 
     provenance = "built by torchkiln: verified at conversion, hash-checked at load"
 
-    def __init__(self, graphs: Mapping[str, Predictor], tokenizer=None):
+    def __init__(self, graphs: Mapping[str, Predictor], tokenizer=None, cache_layout: str = APPEND):
         if set(graphs) != set(GRAPHS):
             raise EngineError(f"a decoder-lm engine has graphs {', '.join(GRAPHS)}; got {', '.join(graphs) or 'none'}")
         self.graphs = dict(graphs)
         self.model = self.graphs["model"]
         self.signature = self.model.signature
         self.tokenizer = tokenizer
+        self.cache_layout = cache_layout  # runtimes.decoder_lm.APPEND or SLOT: how steps feed its caches
 
     @classmethod
     def from_engine_dir(cls, graphs: Mapping[str, Predictor], engine_dir, manifest: Mapping) -> DecoderLMPredictor:
         """The Predictor over opened `graphs`, with the tokenizer the engine carries (if any)."""
-        return cls(graphs, tokenizer=load_tokenizer(engine_dir, manifest))
+        return cls(graphs, tokenizer=load_tokenizer(engine_dir, manifest),
+                   cache_layout=manifest.get("cache_layout", APPEND))
 
     def predict(self, feeds):
+        if "attention_mask" in feeds:
+            check_layout(self.cache_layout, np.asarray(feeds["attention_mask"]))
         if not self.model.shape_buckets:
             return self.model.predict(feeds)
         self.signature.validate(feeds)
@@ -56,30 +61,19 @@ class DecoderLMPredictor(Predictor):
         """Yield the next token of every prompt, `[batch]`, as each decode step finishes."""
         return stream(self, encode_prompts(self.tokenizer, prompts), max_new_tokens, **options)
 
+    def decode_steps(self, batch: int, capacity: int):
+        """What `stream` decodes with: one preallocated cache shared by past and present where the graph's
+        attention writes in place (SLOT layout, and an adapter that binds buffers), else `CarriedCache`."""
+        shared = getattr(self.model, "shared_cache", None)
+        if self.cache_layout == SLOT and shared is not None and not self.model.shape_buckets:
+            steps = shared(batch, capacity)
+            if steps is not None:
+                return steps
+        return CarriedCache(self, self.cache_layout)
+
     def close(self) -> None:
         for graph in self.graphs.values():
             graph.close()
-
-
-def left_pad(prompts, pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts (a `[batch, seq]` array or a list of token lists) -> (input_ids, attention_mask).
-
-    Shorter prompts are padded on the left so every row's last token is at the same column.
-    """
-    if isinstance(prompts, np.ndarray):
-        if prompts.ndim != 2:
-            raise FeedError(f"prompts: expected token ids [batch, sequence], got shape {list(prompts.shape)}")
-        prompts = prompts.tolist()
-    rows = [list(p) for p in prompts]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise FeedError("prompts: every prompt needs at least one token")
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    return ids, mask
 
 
 def choose_next(
@@ -148,7 +142,8 @@ def stream(
     """
     if max_new_tokens < 1:
         raise FeedError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    ids, mask = left_pad(prompts, pad_token_id)
+    layout = getattr(predictor, "cache_layout", APPEND)
+    ids, mask = pad_prompts(prompts, pad_token_id, layout)
     vocab = vocab_size(predictor.signature)
     tokens = ids[mask == 1]
     outside = tokens[(tokens < 0) | (tokens >= vocab)]
@@ -157,15 +152,13 @@ def stream(
     eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     rng = np.random.default_rng(seed) if do_sample else None
     batch = ids.shape[0]
-    feeds = prefill_feeds(predictor.signature, ids, mask)
+    opener = getattr(predictor, "decode_steps", None)
+    steps = opener(batch, ids.shape[1] + max_new_tokens) if opener else CarriedCache(predictor, layout)
     history, history_mask = ids, mask
     finished = np.zeros(batch, dtype=bool)
     for step in range(max_new_tokens):
-        # The prompt is checked once; later feeds are built here from the engine's own outputs.
-        outputs = predictor.predict(feeds) if step == 0 else predictor.forward(feeds)
-        tokens = choose_next(
-            outputs["logits"][:, -1, :], history, history_mask, rng, temperature, top_k, top_p, repetition_penalty
-        )
+        last = last_token_logits(steps.prefill(ids, mask), mask) if step == 0 else steps.step(column)[:, -1, :]
+        tokens = choose_next(last, history, history_mask, rng, temperature, top_k, top_p, repetition_penalty)
         tokens = np.where(finished, pad_token_id, tokens)
         yield tokens
         finished |= np.isin(tokens, eos)
@@ -174,7 +167,28 @@ def stream(
         column = tokens[:, None]
         history = np.concatenate([history, column], axis=1)
         history_mask = np.concatenate([history_mask, (~finished[:, None]).astype(np.int64)], axis=1)
-        feeds = next_feeds(predictor.signature, feeds, outputs, column)
+
+
+class CarriedCache:
+    """Decode steps that feed each step's `present.*` arrays back as the next `past_key_values.*`, as they are:
+    what every backend runs."""
+
+    def __init__(self, predictor, layout: str = APPEND):
+        self.predictor, self.layout = predictor, layout
+        self.feeds: dict[str, np.ndarray] = {}
+        self.outputs: dict[str, np.ndarray] = {}
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The prompt's logits `[batch, sequence, vocab]`; the prompt is checked here, later steps are not."""
+        self.feeds = prefill_feeds(self.predictor.signature, ids, mask)
+        self.outputs = self.predictor.predict(self.feeds)
+        return self.outputs["logits"]
+
+    def step(self, new_ids: np.ndarray) -> np.ndarray:
+        """The logits of `new_ids [batch, n]` put behind the cache."""
+        self.feeds = next_feeds(self.predictor.signature, self.feeds, self.outputs, new_ids, layout=self.layout)
+        self.outputs = self.predictor.forward(self.feeds)
+        return self.outputs["logits"]
 
 
 def generate(

@@ -38,6 +38,11 @@ def recipe(target, precision: str) -> list[str]:
     return recipe_for(target.recipe, precision) if target.recipe else ["cleanup"]
 
 
+def pass_defaults(target) -> dict:
+    # Shape buckets pad rows on the left; GroupQueryAttention's engines need right-padded ones (cache layout "slot").
+    return {"fusion": {"gqa": False}} if any(p in COMPILES_PER_SHAPE for p in target.providers) else {}
+
+
 def missing_providers(target) -> str | None:
     import onnxruntime
 
@@ -119,6 +124,7 @@ BACKEND = Backend(
     adapter="runtimes.onnxruntime_adapter:OnnxRuntimePredictor",
     capture=capture_onnx,
     recipe=recipe,
+    pass_defaults=pass_defaults,
     missing_on_host=missing_providers,
     manifest_fields=provider_fields,
     # Spinning idle pools of the engines not being timed would steal the cores of the one that is.

@@ -36,6 +36,8 @@ class Backend:
     # (captured graphs, work dir, loaded model, request) -> manifest fields, `graphs` included (the built files)
     build: Callable | None = None
     missing_on_host: Callable[[object], str | None] = lambda target: None  # (target) -> why not here, or None
+    # (target) -> pass options its engines need unless the user sets them: pass name -> option -> value
+    pass_defaults: Callable[[object], dict] = lambda target: {}
     # (request, captured graphs by role, loaded model) -> backend facts for the manifest (providers, options)
     manifest_fields: Callable[[BuildRequest, dict, object], dict] = lambda request, graphs, loaded: {}
     # Its engines run on torch's CUDA (or ROCm) runtime: a GPU target then needs a GPU build of torch too.

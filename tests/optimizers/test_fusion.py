@@ -6,18 +6,18 @@ import pytest
 
 from kiln.verify import VerificationInputs, output_error, run_steps
 from optimizers import PassContext, parse_pass_options, run_recipe
-from runtimes.decoder_lm import next_feeds, prefill_feeds
-from runtimes.generate import left_pad
+from runtimes.decoder_lm import APPEND, SLOT, last_token_logits, next_feeds, pad_prompts, prefill_feeds
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 
 MHA, SLN = "com.microsoft::MultiHeadAttention", "com.microsoft::SkipLayerNormalization"
 SSLN, FAST_GELU = "com.microsoft::SkipSimplifiedLayerNormalization", "com.microsoft::FastGelu"
+GQA = "com.microsoft::GroupQueryAttention"
 
-# Fused nodes per 2-layer tiny preset. Attention: gpt2 with its KV cache inside the op, llama without
-# (rotary and GQA not formed), gpt-neo and bloom not at all: see each family record's fusion_note.
+# Fused nodes per 2-layer tiny preset. Attention: gpt2 and llama (GroupQueryAttention, rotary inside) with
+# their KV caches inside the op, gpt-neo and bloom not at all: see each family record's fusion_note.
 EXPECTED = {
     "tiny-gpt2": ({MHA: 2, SLN: 5, FAST_GELU: 2}, 2),
-    "tiny-llama": ({MHA: 2, SSLN: 4, "SimplifiedLayerNormalization": 1}, 0),
+    "tiny-llama": ({GQA: 2, SSLN: 4, "SimplifiedLayerNormalization": 1}, 2),
     "tiny-gptneo": ({SLN: 3, FAST_GELU: 2}, 0),
     "tiny-bloom": ({SLN: 4}, 0),
 }
@@ -33,7 +33,8 @@ def test_fusion_per_family(preset, exported, tmp_path):
     fused, with_cache = EXPECTED[preset]
     assert {op: n for op, n in fusion.fused.items() if op != "com.microsoft::FusedMatMul"} == fused
     assert fusion.details["attention_with_cache"] == with_cache
-    assert fusion.details["attention_fused"] == (fused.get(MHA) == loaded.facts.layers)
+    assert fusion.details["attention_fused"] == ((fused.get(MHA) or fused.get(GQA)) == loaded.facts.layers)
+    assert fusion.details["cache_layout"] == (SLOT if GQA in fused else APPEND)
     assert fusion.details["attention_note"] == loaded.family.fusion_note != ""
     plain, optimized = OnnxRuntimePredictor(path), OnnxRuntimePredictor(out)
     assert optimized.signature == plain.signature
@@ -60,36 +61,36 @@ def test_the_fusion_report_says_why_attention_stayed_unfused(preset, reason, exp
         assert reports[-1].details["attention_note"].startswith(reason)
 
 
-def left_padded_decode(predictor, steps: int = 3) -> np.ndarray:
-    """Last-position logits of a left-padded batch of two prompts over a prefill and greedy decode steps."""
-    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]])
+def padded_decode(predictor, layout: str = APPEND, steps: int = 3) -> np.ndarray:
+    """Each row's last logits for a batch of two prompts of different lengths, padded as `layout` wants, over a
+    prefill and greedy decode steps."""
+    ids, mask = pad_prompts([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]], layout=layout)
     feeds = prefill_feeds(predictor.signature, ids, mask)
     logits = []
-    for _ in range(steps):
+    for step in range(steps):
         outputs = predictor.predict(feeds)
-        logits.append(outputs["logits"][:, -1])
-        feeds = next_feeds(predictor.signature, feeds, outputs, outputs["logits"][:, -1].argmax(-1)[:, None])
+        logits.append(last_token_logits(outputs["logits"], mask) if step == 0 else outputs["logits"][:, -1])
+        feeds = next_feeds(predictor.signature, feeds, outputs, logits[-1].argmax(-1)[:, None], layout=layout)
     return np.stack(logits)
 
 
 @pytest.mark.parametrize("preset", list(EXPECTED))
-def test_fused_engines_handle_left_padded_batches(preset, exported, tmp_path):
+def test_fused_engines_handle_padded_batches(preset, exported, tmp_path):
     path, loaded = exported(preset)
     out = tmp_path / "fused.onnx"
-    run_recipe(path, PassContext(facts=loaded.facts, family=loaded.family), passes=["cleanup", "fusion"], output=out)
-    want, got = left_padded_decode(OnnxRuntimePredictor(path)), left_padded_decode(OnnxRuntimePredictor(out))
+    _, reports = run_recipe(path, PassContext(facts=loaded.facts, family=loaded.family), passes=["cleanup", "fusion"],
+                            output=out)
+    layout = reports[-1].details["cache_layout"]
+    want, got = padded_decode(OnnxRuntimePredictor(path)), padded_decode(OnnxRuntimePredictor(out), layout)
     assert np.abs(got - want).max() < 1e-4
 
 
-def test_llama_gqa_is_opt_in_and_matches_unpadded_batches(exported, tmp_path):
+def test_llama_gqa_can_be_turned_off_for_left_padding(exported, tmp_path):
     path, loaded = exported("tiny-llama")
-    out = tmp_path / "gqa.onnx"
-    context = PassContext(facts=loaded.facts, family=loaded.family, options=parse_pass_options(["fusion.gqa=true"]))
+    out = tmp_path / "mha.onnx"
+    context = PassContext(facts=loaded.facts, family=loaded.family, options=parse_pass_options(["fusion.gqa=false"]))
     _, reports = run_recipe(path, context, passes=["cleanup", "fusion"], output=out)
-    assert reports[-1].fused.get("com.microsoft::GroupQueryAttention") == loaded.facts.layers
-    assert reports[-1].details["attention_with_cache"] == loaded.facts.layers
-    assert reports[-1].details["rules"]["MulFreqsCosSinCache"] == 2 * loaded.facts.layers
-    plain, fused = OnnxRuntimePredictor(path), OnnxRuntimePredictor(out)
-    want, got = run_steps(plain, 1024, VerificationInputs()), run_steps(fused, 1024, VerificationInputs())
-    for name in want[0]:
-        assert output_error([s[name] for s in got], [s[name] for s in want])["relative"] < 1e-5, name
+    assert reports[-1].fused.get(MHA) == loaded.facts.layers and GQA not in reports[-1].fused
+    assert reports[-1].details["cache_layout"] == APPEND
+    want, got = padded_decode(OnnxRuntimePredictor(path)), padded_decode(OnnxRuntimePredictor(out))
+    assert np.abs(got - want).max() < 1e-4

@@ -3,7 +3,8 @@ import pytest
 
 import kiln
 from runtimes import FeedError
-from runtimes.generate import choose_next, left_pad
+from runtimes.decoder_lm import APPEND, SLOT, pad_prompts
+from runtimes.generate import choose_next
 from tests.conftest import TINY_PRESETS
 
 PROMPTS = [[5, 17, 300, 42, 8, 99, 1000], [7, 7, 7], [64, 2, 901, 33, 12]]
@@ -67,10 +68,13 @@ def test_top_k_1_sampling_is_greedy():
     np.testing.assert_array_equal(picked, logits.argmax(-1))
 
 
-def test_left_pad():
-    ids, mask = left_pad([[1, 2, 3], [4]], pad_token_id=9)
+def test_pad_prompts_per_cache_layout():
+    ids, mask = pad_prompts([[1, 2, 3], [4]], pad_token_id=9, layout=APPEND)
     np.testing.assert_array_equal(ids, [[1, 2, 3], [9, 9, 4]])
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
+    ids, mask = pad_prompts([[1, 2, 3], [4]], pad_token_id=9, layout=SLOT)
+    np.testing.assert_array_equal(ids, [[1, 2, 3], [4, 9, 9]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0]])
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import kiln
 from runtimes import FeedError, Signature, TensorSpec
-from runtimes.generate import left_pad
+from runtimes.decoder_lm import pad_prompts
 
 SIGNATURE = Signature(
     inputs=(
@@ -53,7 +53,7 @@ prompt = st.lists(st.integers(min_value=3, max_value=1023), min_size=1, max_size
 
 @given(prompts=st.lists(prompt, min_size=1, max_size=4))
 def test_left_pad_keeps_every_prompt_right_aligned(prompts):
-    ids, mask = left_pad(prompts, pad_token_id=0)
+    ids, mask = pad_prompts(prompts, pad_token_id=0)
     assert ids.shape == mask.shape == (len(prompts), max(map(len, prompts)))
     for row, p in enumerate(prompts):
         assert list(ids[row][mask[row] == 1]) == p and mask[row, -len(p):].all() and not mask[row, : -len(p)].any()
