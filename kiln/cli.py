@@ -244,6 +244,7 @@ def inspect(ctx, engine_dir, report_path, with_bench, trust_native_code, as_json
         changes = {**report["fused"], **report["quantized"]}
         click.echo(f"pass        {report['name']} {report['seconds']:.1f}s: "
                    + (", ".join(f"{op} {n}" for op, n in changes.items()) or ("changed" if report["changed"] else "no change"))
+                   + f"; nodes {sum(report['ops_before'].values())} -> {sum(report['ops_after'].values())}"
                    + f"; weights {report['bytes_before'] / 1e6:.2f} -> {report['bytes_after'] / 1e6:.2f} MB")
     click.echo("ops         " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
     for name, entry in manifest["files"].items():

@@ -149,7 +149,7 @@ def convert(
             "passes": [r.to_json() for r in pass_reports] + _captured_pass_reports(graphs),
             **backend.manifest_fields(request, graphs, loaded),
             **_kind_fields(loaded),
-            **_cache_layout(pass_reports),
+            **_pass_manifest_fields(pass_reports),
         }
         torch_ops = sorted({op for g in graphs.values() for op in g.torch_ops})
         if torch_ops:
@@ -209,10 +209,12 @@ def _kind_fields(loaded) -> dict:
     return export_kind(loaded.kind, loaded.spec).load().manifest_fields(loaded)
 
 
-def _cache_layout(pass_reports: list) -> dict:
-    """`cache_layout` where a pass chose one (fusion's GroupQueryAttention: "slot"); absent means "append"."""
-    layouts = {r.details["cache_layout"] for r in pass_reports if r.details.get("cache_layout")}
-    return {"cache_layout": layouts.pop()} if len(layouts) == 1 else {}
+def _pass_manifest_fields(pass_reports: list) -> dict:
+    """What passes ask the manifest to record for the runtime (fusion's `cache_layout`, `logits_to_keep`)."""
+    fields: dict = {}
+    for report in pass_reports:
+        fields.update(report.details.get("manifest", {}))
+    return fields
 
 
 def _captured_pass_reports(graphs: dict) -> list[dict]:

@@ -21,12 +21,13 @@ def markdown_report(engine_dir: Path, manifest: dict, ops: dict[str, int], bench
         "",
         "## Passes",
         "",
-        "| pass | seconds | fused / quantized | weights MB before → after |",
-        "| --- | --- | --- | --- |",
+        "| pass | seconds | fused / quantized | nodes before → after | weights MB before → after |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for p in manifest.get("passes", []):
         changes = ", ".join(f"{op} {n}" for op, n in {**p["fused"], **p["quantized"]}.items()) or ("changed" if p["changed"] else "-")
-        lines.append(f"| {p['name']} | {p['seconds']:.2f} | {changes} | {p['bytes_before'] / 1e6:.2f} → {p['bytes_after'] / 1e6:.2f} |")
+        nodes = f"{sum(p['ops_before'].values())} → {sum(p['ops_after'].values())}"
+        lines.append(f"| {p['name']} | {p['seconds']:.2f} | {changes} | {nodes} | {p['bytes_before'] / 1e6:.2f} → {p['bytes_after'] / 1e6:.2f} |")
     lines += ["", "## Fidelity against PyTorch", ""]
     if verification.get("skipped"):
         lines.append("Skipped (`--no-verify`).")

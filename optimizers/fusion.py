@@ -14,6 +14,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
 
+from optimizers.packed_qkv import pack_qkv
 from optimizers.pass_types import Pass, PassContext, PassOption
 from runtimes.decoder_lm import APPEND, SLOT
 
@@ -188,6 +189,7 @@ def _fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
         mixed = True  # which node is which layer is unknown: a sliding window could land on the wrong one
     elif grouped and not mixed:
         _set_windows(attention, windows)
+        counts["packed_qkv"] = pack_qkv(model)
     if mixed:
         model, counts = _optimize_for_ort(backup, rotary_cache=False)
         attention = _attention_nodes(model)
@@ -203,6 +205,7 @@ def _fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     layout = SLOT if attention and not mixed and grouped == len(attention) else APPEND
     return model, {
         "cache_layout": layout,
+        "manifest": {"cache_layout": SLOT} if layout == SLOT else {},  # the runtime then feeds it right-padded
         "gqa_undone": f"{grouped} of {len(attention)} attention layers formed GroupQueryAttention" if mixed else "",
         "rules": {**{k: v for k, v in own.items() if v}, **{k: v for k, v in counts.items() if v}},
         "attention_nodes": len(attention),

@@ -17,14 +17,14 @@ from optimizers.passes import PASSES
 
 # (recipe, precision) -> pass names, in order. Recipes are data: print them, or pass your own list.
 RECIPES: dict[tuple[str, str], list[str]] = {
-    ("cpu", "fp32"): ["cleanup", "fusion"],
-    ("cpu", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "int8_dynamic"],
-    ("cpu", "int8-static"): ["cleanup", "fold_weight_transposes", "fusion", "int8_static"],
-    ("cpu", "int4"): ["cleanup", "fold_weight_transposes", "fusion", "int4"],
-    ("cuda", "fp32"): ["cleanup", "fusion"],
-    ("cuda", "fp16"): ["cleanup", "fusion", "fp16"],
-    ("cuda", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "int8_dynamic"],
-    ("cuda", "int4"): ["cleanup", "fold_weight_transposes", "fusion", "int4"],
+    ("cpu", "fp32"): ["cleanup", "fusion", "logits_to_keep"],
+    ("cpu", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "logits_to_keep", "int8_dynamic"],
+    ("cpu", "int8-static"): ["cleanup", "fold_weight_transposes", "fusion", "logits_to_keep", "int8_static"],
+    ("cpu", "int4"): ["cleanup", "fold_weight_transposes", "fusion", "logits_to_keep", "int4"],
+    ("cuda", "fp32"): ["cleanup", "fusion", "logits_to_keep"],
+    ("cuda", "fp16"): ["cleanup", "fusion", "logits_to_keep", "fp16"],
+    ("cuda", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "logits_to_keep", "int8_dynamic"],
+    ("cuda", "int4"): ["cleanup", "fold_weight_transposes", "fusion", "logits_to_keep", "int4"],
     # TensorRT fuses by itself; TensorRT 11 builds strongly typed, so fp16 is cast in the graph (TensorRT 10
     # gets the same graph and its FP16 flag). bf16 has no pass yet: TensorRT 10's BF16 flag lowers fp32.
     ("tensorrt", "fp32"): ["cleanup"],

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtimes.decoder_lm import APPEND, PRESENT_PREFIX, SLOT, next_feeds, prefill_feeds
+from runtimes.decoder_lm import APPEND, LOGITS_TO_KEEP, PRESENT_PREFIX, SLOT, next_feeds, prefill_feeds
 from runtimes.generate import choose_next
 
 
@@ -124,7 +124,8 @@ class ContinuousBatch:
         parts = []
         for group in by_length.values():
             ids = np.asarray([s.prompt for s in group], dtype=np.int64)
-            outputs = self.predictor.forward(prefill_feeds(self.signature, ids))
+            keep = {LOGITS_TO_KEEP: np.array(1)} if getattr(self.predictor, "keeps_logits", False) else {}
+            outputs = self.predictor.forward({**prefill_feeds(self.signature, ids), **keep})
             pending = self._choose(group, outputs["logits"][:, -1, :])
             cache = {name: array for name, array in outputs.items() if name.startswith(PRESENT_PREFIX)}
             parts.append(Part(group, np.ones_like(ids), cache, pending))

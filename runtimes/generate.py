@@ -9,8 +9,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from runtimes.decoder_lm import (APPEND, GRAPHS, SLOT, check_layout, last_token_logits, next_feeds, pad_prompts, pad_to_buckets,
-                                 prefill_feeds, strip_buckets, vocab_size)
+from runtimes.decoder_lm import (APPEND, GRAPHS, LOGITS_TO_KEEP, SLOT, check_layout, last_token_logits, logits_needed,
+                                 next_feeds, pad_prompts, pad_to_buckets, prefill_feeds, strip_buckets, vocab_size)
 from runtimes.errors import EngineError, FeedError
 from runtimes.predictor import Predictor
 from runtimes.tokenizer import encode_prompts, load_tokenizer
@@ -21,7 +21,8 @@ class DecoderLMPredictor(Predictor):
 
     provenance = "built by torchkiln: verified at conversion, hash-checked at load"
 
-    def __init__(self, graphs: Mapping[str, Predictor], tokenizer=None, cache_layout: str = APPEND):
+    def __init__(self, graphs: Mapping[str, Predictor], tokenizer=None, cache_layout: str = APPEND,
+                 keeps_logits: bool = False):
         if set(graphs) != set(GRAPHS):
             raise EngineError(f"a decoder-lm engine has graphs {', '.join(GRAPHS)}; got {', '.join(graphs) or 'none'}")
         self.graphs = dict(graphs)
@@ -29,20 +30,27 @@ class DecoderLMPredictor(Predictor):
         self.signature = self.model.signature
         self.tokenizer = tokenizer
         self.cache_layout = cache_layout  # runtimes.decoder_lm.APPEND or SLOT: how steps feed its caches
+        self.keeps_logits = keeps_logits  # the graph takes `logits_to_keep` (a prefill skips unread logits)
 
     @classmethod
     def from_engine_dir(cls, graphs: Mapping[str, Predictor], engine_dir, manifest: Mapping) -> DecoderLMPredictor:
         """The Predictor over opened `graphs`, with the tokenizer the engine carries (if any)."""
         return cls(graphs, tokenizer=load_tokenizer(engine_dir, manifest),
-                   cache_layout=manifest.get("cache_layout", APPEND))
+                   cache_layout=manifest.get("cache_layout", APPEND),
+                   keeps_logits=bool(manifest.get("logits_to_keep")))
 
     def predict(self, feeds):
+        """One forward pass; `feeds` may add `logits_to_keep` (a scalar: logits of that many last positions
+        only, 0 all) where the engine has that input (`keeps_logits`)."""
         if "attention_mask" in feeds:
             check_layout(self.cache_layout, np.asarray(feeds["attention_mask"]))
-        if not self.model.shape_buckets:
-            return self.model.predict(feeds)
+        extra = {LOGITS_TO_KEEP: np.asarray(feeds[LOGITS_TO_KEEP], np.int64)} if LOGITS_TO_KEEP in feeds else {}
+        if extra and not self.keeps_logits:
+            raise FeedError(f"input '{LOGITS_TO_KEEP}': this engine computes every position's logits (it has no such "
+                            "input; engines converted since it was added do)")
+        feeds = {name: array for name, array in feeds.items() if name != LOGITS_TO_KEEP}
         self.signature.validate(feeds)
-        return self.forward(feeds)
+        return self.forward({**feeds, **extra})
 
     def forward(self, feeds):
         if not self.model.shape_buckets:
@@ -66,7 +74,7 @@ class DecoderLMPredictor(Predictor):
         attention writes in place (SLOT layout, and an adapter that binds buffers), else `CarriedCache`."""
         shared = getattr(self.model, "shared_cache", None)
         if self.cache_layout == SLOT and shared is not None and not self.model.shape_buckets:
-            steps = shared(batch, capacity)
+            steps = shared(batch, capacity, self.keeps_logits)
             if steps is not None:
                 return steps
         return CarriedCache(self, self.cache_layout)
@@ -157,7 +165,11 @@ def stream(
     history, history_mask = ids, mask
     finished = np.zeros(batch, dtype=bool)
     for step in range(max_new_tokens):
-        last = last_token_logits(steps.prefill(ids, mask), mask) if step == 0 else steps.step(column)[:, -1, :]
+        if step == 0:
+            logits = steps.prefill(ids, mask)  # maybe only the last columns' (logits_to_keep)
+            last = last_token_logits(logits, mask[:, -logits.shape[1]:])
+        else:
+            last = steps.step(column)[:, -1, :]
         tokens = choose_next(last, history, history_mask, rng, temperature, top_k, top_p, repetition_penalty)
         tokens = np.where(finished, pad_token_id, tokens)
         yield tokens
@@ -181,7 +193,8 @@ class CarriedCache:
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The prompt's logits `[batch, sequence, vocab]`; the prompt is checked here, later steps are not."""
         self.feeds = prefill_feeds(self.predictor.signature, ids, mask)
-        self.outputs = self.predictor.predict(self.feeds)
+        keep = {LOGITS_TO_KEEP: np.array(logits_needed(mask))} if getattr(self.predictor, "keeps_logits", False) else {}
+        self.outputs = self.predictor.predict({**self.feeds, **keep})
         return self.outputs["logits"]
 
     def step(self, new_ids: np.ndarray) -> np.ndarray:

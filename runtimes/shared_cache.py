@@ -10,35 +10,50 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from runtimes.decoder_lm import PAST_PREFIX, PRESENT_PREFIX, SLOT, past_inputs, positions_of, step_inputs
+from runtimes.decoder_lm import (LOGITS_TO_KEEP, PAST_PREFIX, PRESENT_PREFIX, SLOT, logits_needed, past_inputs,
+                                 prefill_feeds, step_inputs)
 from runtimes.errors import FeedError
 
 
 class SharedCache:
     """`prefill(ids, mask)` then `step(new_ids)` of a SLOT engine's session, its caches `capacity` columns wide."""
 
-    def __init__(self, session: ort.InferenceSession, signature, batch: int, capacity: int):
-        self.session, self.capacity = session, capacity
+    def __init__(self, session: ort.InferenceSession, signature, batch: int, capacity: int, keeps_logits: bool = False):
+        self.session, self.signature, self.capacity, self.keeps_logits = session, signature, capacity, keeps_logits
         self.binding = session.io_binding()
         self.binding.bind_output("logits")  # first, so it is output 0 of every run
-        self.buffers = []  # the OrtValues stay referenced while bound
+        # numpy arrays under the OrtValues (ortvalue_from_numpy shares their memory): the prefill writes them.
+        self.buffers: dict[str, np.ndarray] = {}
+        self.values = []  # the OrtValues stay referenced while bound
         for spec in past_inputs(signature):
             _, heads, _, dim = spec.shape
-            buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, capacity, dim), dtype=spec.dtype))
-            self.binding.bind_ortvalue_input(spec.name, buffer)
-            self.binding.bind_ortvalue_output(PRESENT_PREFIX + spec.name[len(PAST_PREFIX):], buffer)
-            self.buffers.append(buffer)
+            buffer = np.zeros((batch, heads, capacity, dim), dtype=spec.dtype)
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            self.binding.bind_ortvalue_input(spec.name, value)
+            self.binding.bind_ortvalue_output(PRESENT_PREFIX + spec.name[len(PAST_PREFIX):], value)
+            self.buffers[spec.name] = buffer
+            self.values.append(value)
         self.mask = np.zeros((batch, 0), np.int64)
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """The right-padded prompt's logits `[batch, sequence, vocab]`."""
-        return self._run({"input_ids": ids, "attention_mask": mask, "position_ids": positions_of(mask)})
+        """The right-padded prompt's logits `[batch, sequence, vocab]`, or only the last columns that hold every
+        row's last token where the graph takes `logits_to_keep`. A plain run (I/O binding cannot bind an input
+        that has a default, as `logits_to_keep` has), its caches then copied into the buffers."""
+        if mask.shape[1] > self.capacity:
+            raise FeedError(f"the cache holds {self.capacity} tokens per row; this step needs {mask.shape[1]}")
+        feeds = prefill_feeds(self.signature, ids, mask)
+        if self.keeps_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(logits_needed(mask))
+        names = ["logits", *(PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.buffers)]
+        logits, *presents = self.session.run(names, feeds)
+        for buffer, present in zip(self.buffers.values(), presents):
+            buffer[:, :, :present.shape[2]] = present
+        self.mask = mask
+        return logits
 
     def step(self, new_ids: np.ndarray) -> np.ndarray:
         """The logits of `new_ids [batch, n]`, each row's written at its next slot."""
-        return self._run(step_inputs(self.mask, new_ids, layout=SLOT))
-
-    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = step_inputs(self.mask, new_ids, layout=SLOT)
         width = inputs["attention_mask"].shape[1]
         if width > self.capacity:
             raise FeedError(f"the cache holds {self.capacity} tokens per row; this step needs {width}")
