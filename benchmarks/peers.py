@@ -18,7 +18,8 @@ Needs the `genai` extra (onnxruntime-genai, which `dev` brings) and `tokenizers`
    `--new-tokens` tokens after a random `--prompt`-token prompt (seeded, the same for both tools), every row
    generating exactly that many (no EOS stop). First token: prefill and the first token's choice, request
    set-up included. Decode tok/s is aggregate over the batch, batch * (new_tokens - 1) / decode seconds.
-   kiln runs through `kiln.load(..., threads=T, allow_spinning=False)` and `stream`; genai through
+   kiln runs through `kiln.load(..., threads=T)` and `stream`, ONNX Runtime's idle threads spinning as genai's
+   do (one process runs at a time); genai through
    `og.Model` and `og.Generator`, `intra_op_num_threads` set by a `genai_config` overlay.
 4. Medians over `--rounds`, written to OUT.json, OUT.md and OUT.png. A conversion or measurement that fails is
    reported with its error and the rest carry on.
@@ -178,7 +179,7 @@ def run_kiln(engine: Path, prompts: np.ndarray, new_tokens: int, threads: int) -
     import kiln
 
     start = time.perf_counter()
-    with kiln.load(engine, threads=threads, allow_spinning=False) as predictor:
+    with kiln.load(engine, threads=threads) as predictor:
         load_s = time.perf_counter() - start
 
         def generate(count: int):
