@@ -33,7 +33,6 @@ DERIVED_DIMS = {"total_sequence": ("past_sequence", "sequence")}
 #   (GroupQueryAttention, which reads positions and ignores the mask); prompts are right-padded, and the mask
 #   is each row's ones followed by zeros.
 APPEND, SLOT = "append", "slot"
-CACHE_LAYOUTS = (APPEND, SLOT)
 # An optional scalar input (optimizers/logits_to_keep.py): logits of that many last positions only; 0 or absent: all.
 LOGITS_TO_KEEP = "logits_to_keep"
 
@@ -180,17 +179,20 @@ def pad_prompts(prompts, pad_token_id: int = 0, layout: str = APPEND) -> tuple[n
     return ids, mask
 
 
+def _last_columns(mask: np.ndarray) -> np.ndarray:
+    """Each row's last column holding a real token (1 in `mask [batch, n]`)."""
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)
+
+
 def last_token_logits(logits: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
     """`logits [batch, n, vocab]` of each row's last real new token (`new_mask [batch, n]`), `[batch, vocab]`."""
-    last = new_mask.shape[1] - 1 - np.argmax(new_mask[:, ::-1] != 0, axis=1)
-    return logits[np.arange(logits.shape[0]), last]
+    return logits[np.arange(logits.shape[0]), _last_columns(new_mask)]
 
 
 def logits_needed(mask: np.ndarray) -> int:
     """How many last columns of a prefill hold every row's last real token (1 for left padding): the
     `logits_to_keep` that still gives each row its next-token logits."""
-    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)
-    return int(mask.shape[1] - last.min()) if mask.size else 1
+    return int(mask.shape[1] - _last_columns(mask).min()) if mask.size else 1
 
 
 def check_layout(layout: str, mask: np.ndarray) -> None:

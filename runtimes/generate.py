@@ -55,6 +55,8 @@ class DecoderLMPredictor(Predictor):
     def forward(self, feeds):
         if not self.model.shape_buckets:
             return self.model.forward(feeds)
+        # Bucketed feeds: every position's logits, which strip_buckets cuts as it expects.
+        feeds = {name: array for name, array in feeds.items() if name != LOGITS_TO_KEEP}
         padded, padding = pad_to_buckets(self.signature, feeds)
         return strip_buckets(self.model.forward(padded), padding)
 
