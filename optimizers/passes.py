@@ -8,10 +8,11 @@ from optimizers.errors import RecipeError
 from optimizers.fusion import FUSION
 from optimizers.pass_types import options_summary
 from optimizers.plugin_attention import KILN_ATTENTION
-from optimizers.quantize import FP16, INT4, INT8_DYNAMIC, INT8_STATIC
+from optimizers.quantize import FP16, INT4, INT8_DYNAMIC, INT8_STATIC, INT8_WEIGHT_ONLY
 
 PASSES = {
-    p.name: p for p in (CLEANUP, FOLD_WEIGHT_TRANSPOSES, FUSION, KILN_ATTENTION, FP16, INT8_DYNAMIC, INT8_STATIC, INT4)
+    p.name: p for p in (CLEANUP, FOLD_WEIGHT_TRANSPOSES, FUSION, KILN_ATTENTION, FP16, INT8_DYNAMIC, INT8_STATIC,
+                        INT8_WEIGHT_ONLY, INT4)
 }
 
 
