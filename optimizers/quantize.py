@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir import tape
 
 from optimizers.expert_weights import quantize_gathered_weights
 from optimizers.onnx_io import load_external_weights
@@ -40,10 +41,13 @@ def _quiet_quantizer():
 
 def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Weights of MatMul/Gemm to int8, activations quantized per call: MatMul -> DynamicQuantizeMatMul
-    (ORT fuses DynamicQuantizeLinear + MatMulInteger); gathered expert weights to int8, weight-only."""
+    (ORT fuses DynamicQuantizeLinear + MatMulInteger); the token embedding to 8-bit blocks of its own
+    (GatherBlockQuantized cannot read MatMulInteger's int8 [K, N], so a tied head does not share them);
+    gathered expert weights to int8, weight-only."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     per_channel = context.option("int8_dynamic", "per_channel")
+    embedding_blocks = context.option("int8_dynamic", "quantize_embedding")
     with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp, _quiet_quantizer():
         out = Path(tmp) / "model.onnx"
         quantize_dynamic(
@@ -53,14 +57,23 @@ def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]
         )
         quantized = ir.load(str(out))
         load_external_weights(quantized)
-    return quantized, {"per_channel": per_channel, "expert_weights": quantize_gathered_weights(quantized, bits=8)}
+    embedding = _token_embedding(quantized) if embedding_blocks else None
+    if embedding is not None:
+        embedding = _quantize_embedding(quantized, embedding, None, bits=8, block_size=_EMBEDDING_BLOCK, symmetric=True)
+        quantized.opset_imports.setdefault("com.microsoft", 1)
+    return quantized, {"per_channel": per_channel, "embedding": embedding,
+                       "expert_weights": quantize_gathered_weights(quantized, bits=8)}
 
 
+_EMBEDDING_BLOCK = 32  # int8_dynamic's embedding rows: 8-bit blocks of 32, a scale each (int4's default block)
 INT8_DYNAMIC = Pass(
     "int8_dynamic", int8_dynamic, "int8 weights, dynamic activation quantization (onnxruntime)",
-    options=(PassOption("per_channel", bool, True, "one scale per output column of each weight"),),
+    options=(
+        PassOption("per_channel", bool, True, "one scale per output column of each weight"),
+        PassOption("quantize_embedding", bool, True, "token embedding to 8-bit GatherBlockQuantized blocks of 32"),
+    ),
     creates=("DynamicQuantizeLinear", "MatMulInteger", "com.microsoft::DynamicQuantizeMatMul",
-             "com.microsoft::MatMulIntegerToFloat"),
+             "com.microsoft::MatMulIntegerToFloat", "com.microsoft::GatherBlockQuantized"),
     counts_as="quantized",
 )
 
@@ -103,17 +116,38 @@ INT8_STATIC = Pass(
 
 def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Weight-only int4 blocks (`MatMulNBits`) for every MatMul with a constant 2-D weight, LM head included;
-    gathered expert weights in int4 blocks too (optimizers/expert_weights.py).
+    the token embedding to `GatherBlockQuantized`; gathered expert weights in int4 blocks too
+    (optimizers/expert_weights.py). See `weight_only_blocks`."""
+    return weight_only_blocks(model, context, "int4", bits=4)
+
+
+def int8_weight_only(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
+    """The same as `int4` with 8-bit blocks, one byte a weight; with accuracy_level 4 each MatMulNBits
+    quantizes its input per block of 32 (int8_dynamic: per tensor), about 5x less logits error.
+
+    Not the int8 recipe's pass: on an AVX2 CPU without VNNI its kernel was slower than int8_dynamic's
+    DynamicQuantizeMatMul at every row count, 3-5x at prefill, and accuracy_level 0 (fp32 math) 20x slower
+    still (benchmarks/int8_kernels.py, benchmarks/decode-results.md)."""
+    return weight_only_blocks(model, context, "int8_weight_only", bits=8)
+
+
+def weight_only_blocks(model: ir.Model, context: PassContext, pass_name: str, bits: int) -> tuple[ir.Model, dict]:
+    """Weight-only `bits`-bit blocks along K (`com.microsoft::MatMulNBits`) for every MatMul with a constant
+    2-D fp32 weight [K, N], LM head included, and the token embedding (`Gather(E [vocab, hidden], input_ids)`)
+    to `com.microsoft::GatherBlockQuantized`: tied to the LM head, it reads the head's blocks, so the engine
+    keeps no fp32 copy of it; untied, it gets blocks of its own.
 
     Written weight by weight on the onnx_ir graph with the block quantizer onnxruntime's
     MatMulNBitsQuantizer calls, and the node that tool makes: the tool itself wants the whole model as one
     ModelProto, two more copies of the weights in memory (gpt2: peak 2.5 GB against 1.25 GB this way).
     """
-    block_size = context.option("int4", "block_size")
-    accuracy_level = context.option("int4", "accuracy_level")
-    symmetric = context.option("int4", "symmetric")
+    block_size = context.option(pass_name, "block_size")
+    accuracy_level = context.option(pass_name, "accuracy_level")
+    symmetric = context.option(pass_name, "symmetric")
     if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"int4 block_size must be a power of two >= 16; got {block_size}")
+        raise ValueError(f"{pass_name} block_size must be a power of two >= 16; got {block_size}")
+    embedding = _token_embedding(model) if context.option(pass_name, "quantize_embedding") else None
+    head = _tied_head_weight(model, embedding) if embedding is not None else None
     skipped, blocks_of = [], {}  # weight name -> its quantized initializers (a weight may feed several MatMuls)
     for node in list(model.graph.all_nodes()):
         if node.op_type == "Gemm" and node.inputs[1].const_value is not None:
@@ -130,54 +164,149 @@ def int4(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
             continue
         rows, cols = tensor.shape  # K, N
         if weight.name not in blocks_of:
-            blocks_of[weight.name] = _int4_blocks(model, weight, block_size, symmetric)
+            blocks_of[weight.name] = _weight_blocks(model, weight.name, tensor, bits, block_size, symmetric)
         inputs = [node.inputs[0], *blocks_of[weight.name]]
-        attributes = {"K": rows, "N": cols, "bits": 4, "block_size": block_size}
+        attributes = {"K": rows, "N": cols, "bits": bits, "block_size": block_size}
         if accuracy_level:
             attributes["accuracy_level"] = accuracy_level
-        quantized = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{node.name}_Q4" if node.name else None)
+        quantized = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft",
+                            name=f"{node.name}_Q{bits}" if node.name else None)
         ir.convenience.replace_nodes_and_values(model.graph, node, [node], [quantized], node.outputs, quantized.outputs)
         if not weight.uses() and weight.name in model.graph.initializers:
             del model.graph.initializers[weight.name]  # frees the fp32 weight
+    embedding_done = None
+    if embedding is not None:
+        embedding_done = _quantize_embedding(model, embedding, blocks_of.get(head), bits, block_size, symmetric)
     model.opset_imports.setdefault("com.microsoft", 1)
-    return model, {"block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric,
-                   "matmuls_left_in_fp32": skipped,
-                   "expert_weights": quantize_gathered_weights(model, bits=4, block_size=block_size)}
+    return model, {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric,
+                   "embedding": embedding_done, "matmuls_left_in_fp32": skipped,
+                   "expert_weights": quantize_gathered_weights(model, bits=bits, block_size=block_size)}
 
 
-INT4 = Pass(
-    "int4", int4, "int4 weight-only MatMulNBits blocks, LM head included (onnxruntime)",
-    options=(
+def _block_options(bits: int) -> tuple[PassOption, ...]:
+    return (
         PassOption("block_size", int, 32, "weights per scale along K; a power of two >= 16"),
         PassOption("accuracy_level", int, 4, "MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"),
         PassOption("symmetric", bool, True, "no zero points"),
-    ),
-    creates=("com.microsoft::MatMulNBits",),
-    counts_as="quantized",
+        PassOption("quantize_embedding", bool, True,
+                   f"token embedding to {bits}-bit GatherBlockQuantized (tied: sharing the LM head's blocks)"),
+    )
+
+
+_BLOCK_OPS = ("com.microsoft::MatMulNBits", "com.microsoft::GatherBlockQuantized")
+INT4 = Pass(
+    "int4", int4, "int4 weight-only MatMulNBits blocks, LM head and token embedding included (onnxruntime)",
+    options=_block_options(4), creates=_BLOCK_OPS, counts_as="quantized",
+)
+INT8_WEIGHT_ONLY = Pass(
+    "int8_weight_only", int8_weight_only,
+    "int8 weight-only MatMulNBits blocks, LM head and token embedding included (onnxruntime)",
+    options=_block_options(8), creates=_BLOCK_OPS, counts_as="quantized",
 )
 
 
-def _int4_blocks(model: ir.Model, weight: ir.Value, block_size: int, symmetric: bool) -> list[ir.Value]:
-    """MatMulNBits' packed blocks, scales (and zero points when asymmetric) of a [K, N] fp32 weight."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
-    tensor = weight.const_value
-    rows, cols = tensor.shape
-    blocks = -(-rows // block_size)
-    array = tensor.numpy()
-    if blocks * block_size != rows:
-        array = np.pad(array, ((0, blocks * block_size - rows), (0, 0)))
-    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
-    scales = np.zeros((cols, blocks), np.float32)
-    zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
-    quantize_matmul_4bits(packed, np.ascontiguousarray(array), scales, zero_points, block_size, cols, rows, symmetric)
-    del array
+def _weight_blocks(model: ir.Model, name: str, tensor: ir.TensorProtocol, bits: int, block_size: int,
+                   symmetric: bool) -> list[ir.Value]:
+    """MatMulNBits' inputs for a [K, N] fp32 weight, registered as initializers: see `nbits_blocks`."""
+    arrays = nbits_blocks(tensor.numpy(), bits, block_size, symmetric)
     if isinstance(tensor, ir.ExternalTensor):
         tensor.release()  # unmaps the weight's pages of the .data file
-    values = [add_initializer(model, f"{weight.name}_Q4", packed), add_initializer(model, f"{weight.name}_scales", scales)]
-    if not symmetric:
-        values.append(add_initializer(model, f"{weight.name}_zero_points", zero_points))
-    return values
+    suffixes = (f"Q{bits}", "scales", "zero_points")
+    return [add_initializer(model, f"{name}_{suffix}", array) for suffix, array in zip(suffixes, arrays)]
+
+
+def nbits_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> list[np.ndarray]:
+    """A [K, N] fp32 weight in MatMulNBits' layout, by onnxruntime's block quantizer: uint8 blocks
+    [N, ceil(K / block_size), block_size * bits / 8] (4 bits: two a byte, low nibble first), fp32 scales
+    [N, blocks], and when not `symmetric` uint8 zero points [N, blocks] (4 bits: [N, ceil(blocks / 2)], two
+    a byte). Symmetric blocks have the implicit zero point 2^(bits-1). K is padded with zeros to whole blocks.
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits blocks of {bits} bits: expected 4 or 8")
+    rows, cols = weight.shape
+    blocks = -(-rows // block_size)
+    if blocks * block_size != rows:
+        weight = np.pad(weight, ((0, blocks * block_size - rows), (0, 0)))
+    packed = np.zeros((cols, blocks, block_size * bits // 8), np.uint8)
+    scales = np.zeros((cols, blocks), np.float32)
+    zero_points = np.zeros((cols, (blocks + 1) // 2 if bits == 4 else blocks), np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, np.ascontiguousarray(weight), scales, zero_points, block_size, cols, rows, symmetric)
+    return [packed, scales] if symmetric else [packed, scales, zero_points]
+
+
+def _token_embedding(model: ir.Model) -> ir.Node | None:
+    """The Gather of an fp32 [vocab, hidden] initializer by the graph input `input_ids` (reshaped or cast on
+    the way, as gpt2's `view` does), if there is one.
+
+    Other gathers of weights (learned positions, gathered experts) are left alone: by the IO contract only
+    the token ids are named `input_ids`."""
+    for node in model.graph:
+        data = node.inputs[0] if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else None
+        if (
+            data is not None and data.is_initializer() and data.const_value is not None
+            and data.const_value.dtype == ir.DataType.FLOAT and len(data.const_value.shape) == 2
+            and node.attributes.get_int("axis", 0) == 0 and _token_ids(node.inputs[1])
+        ):
+            return node
+    return None
+
+
+def _token_ids(value: ir.Value) -> bool:
+    """Whether `value` is the graph input `input_ids`, or it reshaped or cast."""
+    while (producer := value.producer()) is not None and producer.op_type in _ID_VIEWS:
+        value = producer.inputs[0]
+    return value.is_graph_input() and value.name == "input_ids"
+
+
+_ID_VIEWS = ("Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _tied_head_weight(model: ir.Model, embedding: ir.Node) -> str | None:
+    """The name of a MatMul weight [hidden, vocab] holding the embedding's [vocab, hidden] transposed: the LM
+    head of tied embeddings (fold_weight_transposes stores the head as its own transposed copy)."""
+    table = embedding.inputs[0].const_value
+    vocab, hidden = table.shape
+    for node in model.graph:
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        tensor = weight.const_value if weight is not None and weight.is_initializer() else None
+        if tensor is not None and tensor.dtype == ir.DataType.FLOAT and tuple(tensor.shape) == (hidden, vocab):
+            if np.array_equal(tensor.numpy().T, table.numpy()):
+                return weight.name
+    return None
+
+
+def _quantize_embedding(model: ir.Model, gather: ir.Node, head_blocks: list[ir.Value] | None, bits: int,
+                        block_size: int, symmetric: bool) -> dict:
+    """Put the token embedding's Gather by GatherBlockQuantized over the LM head's blocks (`head_blocks`,
+    those of the table transposed: MatMulNBits' [vocab, blocks, bytes] are the rows of the table) or, untied,
+    over blocks of its own; returns what the report says of it."""
+    table = gather.inputs[0]
+    vocab, hidden = table.const_value.shape
+    t = tape.Tape()
+    if head_blocks is not None:
+        packed, *scales_and_zeros = head_blocks
+        rows = t.op("Reshape", [packed, _int64s(t, [vocab, -1])])  # [vocab, blocks, bytes] -> [vocab, blocks * bytes]
+    else:
+        packed, *scales_and_zeros = nbits_blocks(table.const_value.numpy().T, bits, block_size, symmetric)
+        rows = add_initializer(model, f"{table.name}_Q{bits}", packed.reshape(vocab, -1))
+        suffixes = ("scales", "zero_points")
+        scales_and_zeros = [add_initializer(model, f"{table.name}_{suffix}", array)
+                            for suffix, array in zip(suffixes, scales_and_zeros)]
+    gathered = t.op("GatherBlockQuantized", [rows, gather.inputs[1], *scales_and_zeros],
+                    {"bits": bits, "block_size": block_size, "gather_axis": 0, "quantize_axis": 1}, domain="com.microsoft")
+    if hidden % block_size:  # the blocks pad each row to whole blocks: gather the padded rows, slice the padding off
+        gathered = t.op("Slice", [gathered, _int64s(t, [0]), _int64s(t, [hidden]), _int64s(t, [-1])])
+    ir.convenience.replace_nodes_and_values(model.graph, gather, [gather], t.nodes, gather.outputs, [gathered])
+    if not table.uses():
+        del model.graph.initializers[table.name]
+    return {"table": table.name, "shape": [vocab, hidden], "tied_to": head_blocks[0].name if head_blocks else None}
+
+
+def _int64s(t: tape.Tape, values: list[int]) -> ir.Value:
+    return t.op("Constant", [], {"value": ir.tensor(np.array(values, np.int64))})
 
 
 def fp16(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:

@@ -102,13 +102,14 @@ def op_histogram(path: Path) -> Counter:
 
 
 def bytes_read_per_token(onnx_path: Path) -> int:
-    """Initializer bytes a decode step reads: every weight except tables only gathered from (embeddings)."""
+    """Initializer bytes a decode step reads: every weight except tables only gathered from (embeddings, fp32
+    or in GatherBlockQuantized blocks)."""
     import onnx_ir as ir
 
     total = 0
     for value in ir.load(str(onnx_path)).graph.initializers.values():
         users = {use.node.op_type for use in value.uses()}
-        if value.const_value is not None and users and users != {"Gather"}:
+        if value.const_value is not None and users and not users <= {"Gather", "GatherBlockQuantized"}:
             total += value.const_value.nbytes
     return total
 

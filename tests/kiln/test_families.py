@@ -51,6 +51,9 @@ def test_int4_quantizes_every_family(engine_dir, preset, tmp_path):
     quantized = reports[-1].quantized.get("com.microsoft::MatMulNBits", 0)
     assert quantized >= 2 * loaded.facts.layers, f"{preset}: {reports[-1].details}"
     assert sum(n.op_type == "MatMulNBits" for n in ir.load(str(tmp_path / "model.onnx")).graph) == quantized
+    # Every family gathers its token embedding from `input_ids`: no fp32 table stays.
+    embedding = reports[-1].details["embedding"]
+    assert embedding is not None and embedding["shape"][0] == loaded.facts.vocab_size, f"{preset}: {embedding}"
     predictor = OnnxRuntimePredictor(tmp_path / "model.onnx")
     logits = predictor.predict(prefill_feeds(predictor.signature, np.array([PROMPTS[0]])))["logits"]
     assert logits.shape == (1, len(PROMPTS[0]), loaded.facts.vocab_size) and np.isfinite(logits).all()

@@ -10,6 +10,7 @@ from optimizers import (
 
 MHA, SLN = "com.microsoft::MultiHeadAttention", "com.microsoft::SkipLayerNormalization"
 FAST_GELU, NBITS = "com.microsoft::FastGelu", "com.microsoft::MatMulNBits"
+GATHER_BLOCKS = "com.microsoft::GatherBlockQuantized"
 
 # What each pass creates on tiny-gpt2 (2 layers, tied LM head), after the passes a recipe runs before it.
 CREATED_ON_TINY_GPT2 = {
@@ -18,9 +19,11 @@ CREATED_ON_TINY_GPT2 = {
     "fusion": (["cleanup", "fold_weight_transposes"], {MHA: 2, SLN: 5, FAST_GELU: 2}),
     "kiln_attention": (["cleanup"], {"kiln::CausalAttention": 2}),
     "fp16": (["cleanup", "fold_weight_transposes", "fusion"], {}),
-    "int8_dynamic": (["cleanup", "fold_weight_transposes", "fusion"], {"DynamicQuantizeLinear": 9, "MatMulInteger": 9}),
+    "int8_dynamic": (["cleanup", "fold_weight_transposes", "fusion"],
+                     {"DynamicQuantizeLinear": 9, "MatMulInteger": 9, GATHER_BLOCKS: 1}),
     "int8_static": (["cleanup", "fold_weight_transposes", "fusion"], {"QuantizeLinear": 18, "DequantizeLinear": 27}),
-    "int4": (["cleanup", "fold_weight_transposes", "fusion"], {NBITS: 9}),
+    "int8_weight_only": (["cleanup", "fold_weight_transposes", "fusion"], {NBITS: 9, GATHER_BLOCKS: 1}),
+    "int4": (["cleanup", "fold_weight_transposes", "fusion"], {NBITS: 9, GATHER_BLOCKS: 1}),
 }
 
 
@@ -70,7 +73,7 @@ def test_pass_options_from_the_command_line_get_their_declared_types():
 @pytest.mark.parametrize("item, message", [
     ("int5.block_size=64", r"unknown pass 'int5' \(passes: cleanup, .*int4\)"),
     ("int4.blocksize=64", r"pass 'int4' has no option 'blocksize' \(options: block_size \(int\), "
-                          r"accuracy_level \(int\), symmetric \(bool\)\)"),
+                          r"accuracy_level \(int\), symmetric \(bool\), quantize_embedding \(bool\)\)"),
     ("cleanup.level=2", r"pass 'cleanup' has no option 'level' \(it takes none\)"),
     ("int4.block_size=big", r"int4.block_size expects int, got 'big'"),
     ("fusion.gqa=maybe", r"fusion.gqa expects bool \(true or false\), got 'maybe'"),

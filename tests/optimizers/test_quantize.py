@@ -204,3 +204,140 @@ def test_gathered_expert_weights_dequantize_to_within_half_a_step(bits, error):
         np.repeat(np.abs(want.reshape(3, 8, 2, 32)).max(axis=3), 32, axis=2)
     assert np.all(np.abs(got - want) <= error * spans + 1e-6)
     assert np.abs(got - want).max() > 0  # quantized, not passed through
+
+
+def dequantized(blocks: list[np.ndarray], bits: int, rows: int) -> np.ndarray:
+    """The [K, N] weight MatMulNBits' blocks stand for, by numpy: [N, blocks, bytes] uint8 (4 bits: two a byte,
+    low nibble first), scales [N, blocks], zero points (packed like the blocks) or 2^(bits-1)."""
+    packed, scales, *zero_points = blocks
+    unpack = (lambda a: np.stack([a & 15, a >> 4], -1).reshape(len(a), -1)) if bits == 4 else (lambda a: a.reshape(len(a), -1))
+    cols, count = scales.shape
+    levels = unpack(packed).reshape(cols, count, -1).astype(np.float32)
+    zero = unpack(zero_points[0])[:, :count] if zero_points else np.full((cols, count), 2 ** (bits - 1))
+    return ((levels - zero[..., None]) * scales[..., None]).reshape(cols, -1)[:, :rows].T
+
+
+def nbits_session(nodes, inputs, outputs, initializers):
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_nbits_blocks_are_the_layout_matmulnbits_reads(bits, symmetric):
+    """The writer's blocks dequantize (numpy) to within half a step of each weight, and onnxruntime's
+    MatMulNBits (accuracy_level 0: fp32 math) multiplies by exactly that weight; K = 80 pads to 3 blocks of 32."""
+    from onnx import TensorProto, helper
+
+    from optimizers.quantize import nbits_blocks
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((80, 24)).astype(np.float32)
+    blocks = nbits_blocks(weight, bits, 32, symmetric)
+    assert blocks[0].shape == (24, 3, 32 * bits // 8) and blocks[0].dtype == np.uint8 and len(blocks) == 3 - symmetric
+    got = dequantized(blocks, bits, rows=80)
+    steps = np.abs(np.repeat(blocks[1].T, 32, axis=0)[:80])  # each weight's block scale (its sign is free), [K, N]
+    # Half a step, but symmetric 4 bits map a block's largest magnitude to -8: values near the opposite end clip at +7.
+    assert np.all(np.abs(got - weight) <= (1.0 if bits == 4 and symmetric else 0.5) * steps + 1e-6)
+    assert np.abs(got - weight).max() > 0
+
+    names = ["x", "B", "scales"] + ([] if symmetric else ["zero_points"])
+    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=80, N=24, bits=bits, block_size=32)
+    session = nbits_session([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 80])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 24])], dict(zip(names[1:], blocks)))
+    x = rng.standard_normal((3, 80)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ got, rtol=1e-5, atol=1e-4)
+
+
+def tied_lm(vocab: int, hidden: int, tied: bool = True) -> tuple[ir.Model, np.ndarray, np.ndarray]:
+    """logits = Gather(E, input_ids) @ head, head = Transpose(E) (tied, as transformers exports it) or a weight of
+    its own: (model, E [vocab, hidden], head [hidden, vocab])."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    head = table.T.copy() if tied else rng.standard_normal((hidden, vocab)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["hidden"])]
+    weights = [onnx.numpy_helper.from_array(table, "embed")]
+    if tied:
+        nodes.append(helper.make_node("Transpose", ["embed"], ["head"], perm=[1, 0]))
+    else:
+        weights.append(onnx.numpy_helper.from_array(head, "head"))
+    nodes.append(helper.make_node("MatMul", ["hidden", "head"], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])], weights,
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])), table, head
+
+
+@pytest.mark.parametrize("bits, name", [(4, "int4"), (8, "int8_weight_only")])
+@pytest.mark.parametrize("hidden", [64, 48])  # 48: rows padded to 2 blocks of 32, the gathered padding sliced off
+def test_tied_embedding_gathers_the_lm_heads_blocks(bits, name, hidden):
+    """Tied: one set of blocks serves the LM head (MatMulNBits) and the embedding (GatherBlockQuantized), no
+    fp32 table stays, and the logits are those of the dequantized weight, input and head alike."""
+    import onnxruntime
+
+    model, _, _ = tied_lm(vocab=256, hidden=hidden)
+    context = PassContext(options={name: {"accuracy_level": 0}})
+    model, reports = run_recipe(model, context, passes=["fold_weight_transposes", name])
+    report = reports[-1]
+    assert report.quantized == {"com.microsoft::MatMulNBits": 1, "com.microsoft::GatherBlockQuantized": 1}
+    assert report.details["embedding"] == {"table": "embed", "shape": [256, hidden], "tied_to": f"embed.transposed_Q{bits}"}
+    assert [v.dtype for v in model.graph.initializers.values()] == [ir.DataType.UINT8, ir.DataType.FLOAT]  # blocks, scales
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    assert gather.inputs[0].producer().inputs[0] is head.inputs[1] and gather.inputs[2] is head.inputs[2]
+
+    weight = dequantized([head.inputs[1].const_value.numpy(), head.inputs[2].const_value.numpy()], bits, rows=hidden)
+    ids = np.array([[0, 5, 255, 5], [17, 3, 1, 128]], np.int64)
+    session = onnxruntime.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input_ids": ids})[0], weight.T[ids] @ weight, rtol=1e-5, atol=1e-3)
+
+
+def test_untied_embedding_gets_blocks_of_its_own_and_the_option_turns_it_off():
+    import onnxruntime
+
+    model, table, _ = tied_lm(vocab=256, hidden=64, tied=False)
+    quantized, reports = run_recipe(model, PassContext(options={"int4": {"accuracy_level": 0}}), passes=["int4"])
+    assert reports[-1].details["embedding"] == {"table": "embed", "shape": [256, 64], "tied_to": None}
+    assert {v.name for v in quantized.graph.initializers.values() if v.dtype == ir.DataType.FLOAT} == \
+        {"head_scales", "embed_scales"}
+    gather = next(n for n in quantized.graph if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in quantized.graph if n.op_type == "MatMulNBits")
+    rows = gather.inputs[0].const_value.numpy()
+    assert rows.shape == (256, 32)  # [vocab, hidden / 2]: two 4-bit values a byte
+    scales = gather.inputs[2].const_value.numpy()  # [vocab, hidden / 32]
+    table_back = dequantized([rows.reshape(256, 2, 16), scales], 4, rows=64).T
+    assert np.all(np.abs(table_back - table) <= np.abs(np.repeat(scales, 32, axis=1)) + 1e-6)  # within a step
+    head_back = dequantized([v.const_value.numpy() for v in head.inputs[1:]], 4, rows=64)
+    ids = np.array([[3, 200]], np.int64)
+    session = onnxruntime.InferenceSession(ir.to_proto(quantized).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input_ids": ids})[0], table_back[ids] @ head_back, rtol=1e-5, atol=1e-3)
+
+    model, _, _ = tied_lm(vocab=256, hidden=64)
+    kept, reports = run_recipe(model, PassContext(options={"int4": {"quantize_embedding": False}}),
+                               passes=["fold_weight_transposes", "int4"])
+    assert reports[-1].details["embedding"] is None and reports[-1].quantized == {"com.microsoft::MatMulNBits": 1}
+    assert kept.graph.initializers["embed"].dtype == ir.DataType.FLOAT
+
+
+@pytest.mark.parametrize("name, shared", [
+    ("int4", "model.lm_head.weight.transposed_Q4"),
+    ("int8_weight_only", "model.lm_head.weight.transposed_Q8"),
+    ("int8_dynamic", None),  # MatMulInteger's int8 [K, N] is no layout GatherBlockQuantized reads: 8-bit blocks of its own
+])
+def test_tiny_gpt2_keeps_no_fp32_copy_of_its_tied_embedding(name, shared, exported):
+    path, loaded = exported("tiny-gpt2")
+    vocab, hidden = loaded.facts.vocab_size, loaded.facts.hidden_size
+    model, reports = run_recipe(path, PassContext(facts=loaded.facts), passes=["cleanup", "fold_weight_transposes", "fusion", name])
+    tables = [v.name for v in model.graph.initializers.values()
+              if v.dtype == ir.DataType.FLOAT and tuple(v.shape) in ((vocab, hidden), (hidden, vocab))]
+    assert tables == []
+    assert reports[-1].details["embedding"] == {"table": "model.lm_head.weight", "shape": [vocab, hidden], "tied_to": shared}
+    assert reports[-1].quantized["com.microsoft::GatherBlockQuantized"] == 1
