@@ -17,6 +17,7 @@ CREATED_ON_TINY_GPT2 = {
     "cleanup": ([], {}),
     "fold_weight_transposes": (["cleanup"], {}),
     "fusion": (["cleanup", "fold_weight_transposes"], {MHA: 2, SLN: 5, FAST_GELU: 2}),
+    "logits_to_keep": (["cleanup", "fold_weight_transposes", "fusion"], {}),
     "kiln_attention": (["cleanup"], {"kiln::CausalAttention": 2}),
     "fp16": (["cleanup", "fold_weight_transposes", "fusion"], {}),
     "int8_dynamic": (["cleanup", "fold_weight_transposes", "fusion"],
@@ -90,7 +91,7 @@ def test_describe_options_lists_type_default_and_help():
     assert describe_options(PASSES["int4"])[0] == "block_size: int = 32  (weights per scale along K; a power of two >= 16)"
     assert describe_options(PASSES["fp16"])[0].startswith(
         "keep_fp32: list[str] = LayerNormalization,SimplifiedLayerNormalization,Softmax  (")
-    assert describe_options(PASSES["fusion"])[0].startswith("gqa: bool = false  (")
+    assert describe_options(PASSES["fusion"])[0].startswith("gqa: bool = true  (")
     assert describe_options(PASSES["cleanup"]) == []
     # What describe_options prints, parse_pass_options takes back.
     for name, one in PASSES.items():

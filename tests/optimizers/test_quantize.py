@@ -11,7 +11,7 @@ import pytest
 
 from exporter.trained import heldout_sequences
 from kiln.verify import TOLERANCES, logits_fidelity
-from optimizers import PassContext, run_recipe
+from optimizers import PassContext, recipe_for, run_recipe
 from runtimes.decoder_lm import calibration_prefills, contract_signature
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 from tests.optimizers.conftest import prefill_feeds
@@ -89,11 +89,13 @@ def test_trained_llama_and_moe_pass_the_int8_and_int4_gates(preset, exported, tm
     path, loaded, ids, want = trained_case(exported, preset)
     # int8 takes every projection with a constant weight; int4 the MatMuls, leaving a (router) Gemm named.
     for precision, op, op_types in (("int8", "MatMulInteger", ("MatMul", "Gemm")), ("int4", "com.microsoft::MatMulNBits", ("MatMul",))):
-        out = tmp_path / f"{precision}.onnx"
-        _, reports = run_recipe(path, PassContext(precision=precision, facts=loaded.facts, family=loaded.family), output=out)
-        assert reports[-1].quantized.get(op) == constant_weight_products(path, op_types), reports[-1].quantized
+        out, fused = tmp_path / f"{precision}.onnx", tmp_path / f"{precision}-before-quantizing.onnx"
+        context = PassContext(precision=precision, facts=loaded.facts, family=loaded.family)
+        run_recipe(path, context, passes=recipe_for("cpu", precision)[:-1], output=fused)  # what the quantizer gets
+        _, reports = run_recipe(path, context, output=out)
+        assert reports[-1].quantized.get(op) == constant_weight_products(fused, op_types), reports[-1].quantized
         if precision == "int4":
-            assert len(reports[-1].details["matmuls_left_in_fp32"]) == constant_weight_products(path, ("Gemm",))
+            assert len(reports[-1].details["matmuls_left_in_fp32"]) == constant_weight_products(fused, ("Gemm",))
         # Expert weights (gathered, not a MatMul's constant): up/gate and down of each MoE layer.
         assert len(reports[-1].details["expert_weights"]) == (2 * loaded.facts.layers if "moe" in preset else 0)
         size_ratio = reports[-1].bytes_after / reports[-1].bytes_before
