@@ -59,6 +59,7 @@ class OnnxRuntimePredictor(Predictor):
         optimization_level: str = "all",
         allow_spinning: bool = True,
         provider_options: Mapping[str, Mapping[str, str]] | None = None,
+        log_severity: int | None = None,
     ):
         """`provider_options`: provider name -> its options (`{"CUDAExecutionProvider": {"device_id": "1"}}`)."""
         missing = [p for p in providers if p not in ort.get_available_providers()]
@@ -72,6 +73,8 @@ class OnnxRuntimePredictor(Predictor):
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization_level]
         if threads:
             options.intra_op_num_threads = threads
+        if log_severity is not None:  # 0 verbose .. 3 errors only
+            options.log_severity_level = log_severity
         if not allow_spinning:  # idle pools then sleep instead of stealing cores from other work
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider_options = provider_options or {}
@@ -98,6 +101,9 @@ class OnnxRuntimePredictor(Predictor):
         if manifest.get("tf32") is False and any(p in TF32_BY_ENVIRONMENT for p in providers):
             # Read when the CUDA libraries start: effective for the first GPU session of the process.
             os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+        if manifest.get("logits_to_keep"):
+            # Its input has a default (an initializer), as intended; ONNX Runtime warns about that on every load.
+            options.setdefault("log_severity", 3)
         try:
             predictor = cls(model_path, providers=providers,
                             provider_options=session_provider_options(manifest, providers, device), **options)
