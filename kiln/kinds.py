@@ -12,7 +12,7 @@ from typing import Callable
 
 from kiln import verify_diffusion
 from kiln.errors import KilnError
-from kiln.verify import decoder_summary, verify_decoder
+from kiln.verify import decoder_summary, record_decoder, verify_decoder
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class ModelKind:
     # (engine, loaded source, precision, profile=shape ranges or None) -> report: passed, failures...
     verify: Callable[..., dict]
     summary: Callable[[dict], str]  # the report in one line (convert, verify, inspect)
+    # (loaded source, {role: signature}, profile) -> the source's outputs for `verify(..., recorded=)`, taken
+    # before the engine is opened so that a conversion can let the source go first; None: verify runs both.
+    record: Callable | None = None
     precisions: tuple[str, ...] | None = None  # those with a verification gate; None: all the target offers
     # A failed verification converts again pass by pass to say which pass made the error grow.
     blame_passes: bool = False
@@ -30,7 +33,7 @@ class ModelKind:
 
 
 KINDS = {k.name: k for k in (
-    ModelKind("decoder-lm", verify_decoder, decoder_summary, blame_passes=True),
+    ModelKind("decoder-lm", verify_decoder, decoder_summary, record=record_decoder, blame_passes=True),
     ModelKind("diffusion", verify_diffusion.verify, verify_diffusion.summary, precisions=verify_diffusion.PRECISIONS,
               bench_module="kiln.bench_images"),
 )}

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -162,17 +162,25 @@ def convert(
         write_manifest(workdir, dict(fields, steps=steps, verification={"skipped": True}))
         import runtimes
 
+        recorded = None
+        if verify and checks.record is not None:
+            with step("reference"):
+                recorded = checks.record(loaded, {role: g.signature for role, g in graphs.items()}, fields.get("profile"))
+            loaded = replace(loaded, module=None)  # the source goes before the engine is opened
+            gc.collect()
         with runtimes.load(workdir, trust_native_code=True) as engine:  # built by this very call
             for role, graph in engine.graphs.items():
                 fields["graphs"][role]["signature"] = graph.signature.to_json()
             if verify:
                 with step("verify"):
-                    report = checks.verify(engine, loaded, precision, profile=fields.get("profile"))
+                    report = checks.verify(engine, loaded, precision, profile=fields.get("profile"), recorded=recorded)
             else:
                 report = {"skipped": True, "passed": None}
         if report.get("passed") is False:
             message = f"verification failed for {spec} ({target}, {precision}): " + "; ".join(report["failures"])
             if pass_reports and backend.open_graph is not None and checks.blame_passes:
+                if loaded.module is None:  # let go for the verification: blaming a pass exports it again
+                    loaded = load_model(spec, trust_remote_code=trust_remote_code)
                 report["error_by_pass"] = _error_by_pass(loaded, workdir / "blame", backend, request,
                                                          [r.name for r in pass_reports], engine.signature)
                 message += "; " + _blame(report["error_by_pass"])

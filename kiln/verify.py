@@ -82,13 +82,28 @@ def run_steps(predictor: Predictor, vocab_size: int, inputs: VerificationInputs)
     return steps
 
 
+@dataclass(frozen=True)
+class RecordedSteps:
+    """The reference's outputs on the verification inputs, recorded before the engine is opened: a conversion
+    then lets the source model go first instead of holding both in memory at its peak."""
+
+    inputs: VerificationInputs
+    vocab_size: int
+    steps: list[dict[str, np.ndarray]]
+
+
 def compare(
     engine: Predictor, reference: Predictor, vocab_size: int, precision: str, inputs: VerificationInputs = VerificationInputs()
 ) -> dict:
     """Run both, return the verification report: per-output errors, logits fidelity, pass/fail and why."""
+    return compare_recorded(engine, RecordedSteps(inputs, vocab_size, run_steps(reference, vocab_size, inputs)), precision)
+
+
+def compare_recorded(engine: Predictor, recorded: RecordedSteps, precision: str) -> dict:
+    """`compare` against the reference's recorded steps."""
     tolerance = TOLERANCES[precision]
+    inputs, vocab_size, reference_steps = recorded.inputs, recorded.vocab_size, recorded.steps
     engine_steps = run_steps(engine, vocab_size, inputs)
-    reference_steps = run_steps(reference, vocab_size, inputs)
     outputs = {}
     for name in engine_steps[0]:
         got = [step[name] for step in engine_steps]
@@ -134,14 +149,9 @@ def logits_fidelity(got: np.ndarray, want: np.ndarray) -> dict:
     A position whose reference top-1 margin is not larger than the error measured there is a near-tie:
     counted and reported, not held against the engine.
     """
-    got, want = got.astype(np.float64), want.astype(np.float64)
-    error = np.abs(got - want).max(axis=-1)
-    top2 = np.sort(want, axis=-1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
+    error, margin, agree, kl = (np.concatenate(parts) for parts in zip(
+        *(_position_figures(got[i:i + 16], want[i:i + 16]) for i in range(0, len(want), 16))))
     decisive = margin > error
-    agree = got.argmax(axis=-1) == want.argmax(axis=-1)
-    log_p, log_q = _log_softmax(want), _log_softmax(got)
-    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
     return {
         "positions": int(len(want)),
         "decisive_positions": int(decisive.sum()),
@@ -151,6 +161,16 @@ def logits_fidelity(got: np.ndarray, want: np.ndarray) -> dict:
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
     }
+
+
+def _position_figures(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per position: max abs error, the reference's top-2 margin, top-1 agreement, KL(reference || engine).
+    Called 16 positions at a time: float64 copies of a whole run's logits were a conversion's memory peak."""
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    top2 = np.partition(want, (-2, -1), axis=-1)[:, -2:]  # the second largest, then the largest
+    log_p, log_q = _log_softmax(want), _log_softmax(got)
+    return (np.abs(got - want).max(axis=-1), top2[:, 1] - top2[:, 0], got.argmax(axis=-1) == want.argmax(axis=-1),
+            (np.exp(log_p) * (log_p - log_q)).sum(axis=-1))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -163,12 +183,22 @@ def verification_inputs(loaded, profile: dict | None = None) -> VerificationInpu
     return VerificationInputs().within(loaded.family.max_positions_of(loaded.config)).within_profile(profile)
 
 
-def verify_decoder(engine: Predictor, loaded, precision: str, profile: dict | None = None) -> dict:
-    """A decoder engine against its source in PyTorch eager: a prefill and decode steps on the same tokens."""
+def record_decoder(loaded, signatures: dict, profile: dict | None = None) -> RecordedSteps:
+    """The source's outputs in PyTorch eager on the verification inputs (`signatures`: the engine's graphs')."""
     from kiln.reference import reference_predictor
 
-    reference = reference_predictor(loaded, {role: g.signature for role, g in engine.graphs.items()})
-    return compare(engine, reference, loaded.facts.vocab_size, precision, verification_inputs(loaded, profile))
+    inputs = verification_inputs(loaded, profile)
+    reference = reference_predictor(loaded, signatures)
+    return RecordedSteps(inputs, loaded.facts.vocab_size, run_steps(reference, loaded.facts.vocab_size, inputs))
+
+
+def verify_decoder(engine: Predictor, loaded, precision: str, profile: dict | None = None,
+                   recorded: RecordedSteps | None = None) -> dict:
+    """A decoder engine against its source in PyTorch eager: a prefill and decode steps on the same tokens
+    (`recorded`: the source's steps taken earlier by `record_decoder`, else they are taken now)."""
+    if recorded is None:
+        recorded = record_decoder(loaded, {role: g.signature for role, g in engine.graphs.items()}, profile)
+    return compare_recorded(engine, recorded, precision)
 
 
 def decoder_summary(report: dict) -> str:

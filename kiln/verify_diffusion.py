@@ -54,10 +54,12 @@ def verification_shapes(facts) -> list[dict[str, int]]:
             {"batch": 1, "latent_height": narrow, "latent_width": side + multiple}]
 
 
-def verify(engine, loaded, precision: str, gate: EndToEnd = EndToEnd(), profile: dict | None = None) -> dict:
+def verify(engine, loaded, precision: str, gate: EndToEnd = EndToEnd(), profile: dict | None = None,
+           recorded: None = None) -> dict:
     """Run every graph and the pipeline against PyTorch; returns the report (passed, failures, per-graph errors).
 
-    `profile` (a TensorRT shape range) does not apply: no diffusion target builds a profiled engine yet."""
+    `profile` (a TensorRT shape range) does not apply: no diffusion target builds a profiled engine yet. Nothing
+    is `recorded` ahead (the kind has no `record`): the pipeline runs here, beside the engine."""
     from exporter.graphs import export_kind
     from runtimes.torch_adapter import TorchPredictor
 

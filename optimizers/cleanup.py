@@ -1,6 +1,8 @@
 """Graph cleanup before fusion and quantization: constant folding, dead code, shape simplification."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx_ir as ir
 
@@ -14,11 +16,32 @@ def cleanup(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     from onnxscript.rewriter.ort_fusions import shape_optimization
 
     before = sum(1 for _ in model.graph.all_nodes())
-    optimize(model)
-    simplified = shape_optimization.rules.apply_to_model(model)
-    optimize(model)
+    with single_output_rewrites():
+        optimize(model)
+        simplified = shape_optimization.rules.apply_to_model(model)
+        optimize(model)
     after = sum(1 for _ in model.graph.all_nodes())
     return model, {"nodes_removed": before - after, "shape_rewrites": simplified}
+
+
+@contextlib.contextmanager
+def single_output_rewrites():
+    """onnxscript's optimizer without its multi-output rewrite rules, for as long as the block runs.
+
+    onnxscript 0.7 matches a pattern with several output nodes (`SlicesSplit`: two Slices of one tensor ->
+    Split) by scanning the whole graph once per candidate node, quadratic in the graph's size: on a 30-layer
+    Llama (two rotary Slices per head input) that scan took over half of the export. The fusions that follow
+    match the Slice form as well, so the rule buys nothing here.
+    """
+    from onnxscript import rewriter
+
+    rules = rewriter._DEFAULT_REWRITE_RULES  # the tuple `optimize` reads at each call; it has no rules argument
+    rewriter._DEFAULT_REWRITE_RULES = tuple(
+        rule for rule in rules if getattr(getattr(rule, "_target_pattern", None), "has_single_output_node", True))
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 CLEANUP = Pass("cleanup", cleanup, "constant folding, dead code, shape-expression simplification (onnxscript)")

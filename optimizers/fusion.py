@@ -14,6 +14,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
 
+from optimizers.cleanup import single_output_rewrites
 from optimizers.packed_qkv import pack_qkv
 from optimizers.pass_types import Pass, PassContext, PassOption
 from runtimes.decoder_lm import APPEND, SLOT
@@ -165,7 +166,7 @@ def _quiet_shape_inference():
 
 def fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Our pre-fusion rules, then `optimize_for_ort`'s fusions; details carry the rule counts and the attention verdict."""
-    with _quiet_shape_inference():
+    with _quiet_shape_inference(), single_output_rewrites():  # the library's fusions run its optimizer too
         return _fusion(model, context)
 
 
