@@ -21,8 +21,9 @@ class ModelKind:
     # (engine, loaded source, precision, profile=shape ranges or None) -> report: passed, failures...
     verify: Callable[..., dict]
     summary: Callable[[dict], str]  # the report in one line (convert, verify, inspect)
-    # (loaded source, {role: signature}, profile) -> the source's outputs for `verify(..., recorded=)`, taken
-    # before the engine is opened so that a conversion can let the source go first; None: verify runs both.
+    # (loaded source, {role: signature}, profile) -> the source's outputs for `verify(..., recorded=)`, with
+    # `fits(loaded, profile)`: a conversion records them right after the export and lets the source go, not to
+    # hold it through optimization and beside the engine; None: verify runs the source beside the engine.
     record: Callable | None = None
     precisions: tuple[str, ...] | None = None  # those with a verification gate; None: all the target offers
     # A failed verification converts again pass by pass to say which pass made the error grow.

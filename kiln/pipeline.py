@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -123,6 +123,12 @@ def convert(
         with step("export"):
             graphs = _capture(backend, loaded, workdir, request)
             tokenizer = _copy_tokenizer(loaded.tokenizer_dir, workdir)
+        recorded = None
+        if checks.record is not None:  # the kind verifies from recorded steps: the source is let go now
+            if verify:
+                with step("reference"):
+                    recorded = checks.record(loaded, _signatures(graphs), None)
+            _release_weights(loaded)
         pass_reports = []
         if backend.recipe is not None:
             with step("optimize"):
@@ -162,11 +168,11 @@ def convert(
         write_manifest(workdir, dict(fields, steps=steps, verification={"skipped": True}))
         import runtimes
 
-        recorded = None
-        if verify and checks.record is not None:
+        if recorded is not None and not recorded.fits(loaded, fields.get("profile")):
+            # The build's shape ranges leave out the inputs recorded: the source is loaded again for them.
             with step("reference"):
-                recorded = checks.record(loaded, {role: g.signature for role, g in graphs.items()}, fields.get("profile"))
-            loaded = replace(loaded, module=None)  # the source goes before the engine is opened
+                recorded = checks.record(load_model(spec, trust_remote_code=trust_remote_code), _signatures(graphs),
+                                         fields.get("profile"))
             gc.collect()
         with runtimes.load(workdir, trust_native_code=True) as engine:  # built by this very call
             for role, graph in engine.graphs.items():
@@ -179,7 +185,7 @@ def convert(
         if report.get("passed") is False:
             message = f"verification failed for {spec} ({target}, {precision}): " + "; ".join(report["failures"])
             if pass_reports and backend.open_graph is not None and checks.blame_passes:
-                if loaded.module is None:  # let go for the verification: blaming a pass exports it again
+                if _weights_released(loaded):  # blaming a pass exports the source again
                     loaded = load_model(spec, trust_remote_code=trust_remote_code)
                 report["error_by_pass"] = _error_by_pass(loaded, workdir / "blame", backend, request,
                                                          [r.name for r in pass_reports], engine.signature)
@@ -196,6 +202,21 @@ def convert(
         # Also on KeyboardInterrupt and SystemExit (SIGINT, SIGTERM): never leave a half-built engine.
         shutil.rmtree(workdir, ignore_errors=True)
     return ConvertResult(output, manifest, steps)
+
+
+def _release_weights(loaded) -> None:
+    """Free the source's weights after the export, keeping its structure and configs (the generation config that
+    interop files copy): holding them through optimization and beside the engine was a conversion's memory peak."""
+    loaded.module.to("meta")
+    gc.collect()
+
+
+def _weights_released(loaded) -> bool:
+    return any(parameter.is_meta for parameter in loaded.module.parameters())
+
+
+def _signatures(graphs: dict) -> dict:
+    return {role: graph.signature for role, graph in graphs.items()}
 
 
 def _capture(backend, loaded, workdir: Path, request: BuildRequest) -> dict:

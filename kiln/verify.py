@@ -91,6 +91,10 @@ class RecordedSteps:
     vocab_size: int
     steps: list[dict[str, np.ndarray]]
 
+    def fits(self, loaded, profile: dict | None) -> bool:
+        """Whether these are the inputs an engine with `profile` (its shape ranges, or None) is verified on."""
+        return self.inputs == verification_inputs(loaded, profile)
+
 
 def compare(
     engine: Predictor, reference: Predictor, vocab_size: int, precision: str, inputs: VerificationInputs = VerificationInputs()
