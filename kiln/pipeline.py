@@ -124,11 +124,12 @@ def convert(
             graphs = _capture(backend, loaded, workdir, request)
             tokenizer = _copy_tokenizer(loaded.tokenizer_dir, workdir)
         recorded = None
-        if checks.record is not None:  # the kind verifies from recorded steps: the source is let go now
+        if checks.record is not None:  # the kind verifies from recorded steps: the source can go now
             if verify:
                 with step("reference"):
                     recorded = checks.record(loaded, _signatures(graphs), None)
-            _release_weights(loaded)
+            if loaded.origin != "factory":  # a factory's model may be its caller's own, still in use
+                _release_weights(loaded)
         pass_reports = []
         if backend.recipe is not None:
             with step("optimize"):

@@ -53,3 +53,13 @@ def tiny_sd():
     from exporter import load_model
 
     return load_model("tiny-sd").module
+
+
+_SHARED = {}
+
+
+def shared_tiny_gpt2():
+    """The same model object on every call, as a service's factory that hands out the model it serves."""
+    if "model" not in _SHARED:
+        _SHARED["model"] = tiny_gpt2()
+    return _SHARED["model"]

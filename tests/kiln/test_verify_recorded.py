@@ -39,3 +39,17 @@ def test_logits_figures_taken_in_chunks_equal_the_whole():
     assert figures["decisive_positions"] == int(decisive.sum()) and figures["near_ties"] == int((~decisive).sum())
     assert figures["top1_agreement"] == float(agree[decisive].mean()) < 1.0
     assert np.isclose(figures["kl_mean"], kl.mean()) and np.isclose(figures["kl_max"], kl.max())
+
+
+def test_convert_keeps_a_factorys_model_and_lets_its_own_loads_go(tmp_path):
+    """A factory's model may be its caller's own: convert leaves its weights; a preset it loaded itself it frees
+    after the export (recorded steps verify the engine)."""
+    import kiln
+    from tests.factories import shared_tiny_gpt2
+
+    model = shared_tiny_gpt2()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = kiln.convert("tests.factories:shared_tiny_gpt2", output=tmp_path / "engine")
+    assert result.manifest["verification"]["passed"]
+    assert all(not p.is_meta and p.equal(before[name]) for name, p in model.named_parameters())
+    assert [s["name"] for s in result.steps][2] == "reference"
