@@ -39,6 +39,20 @@ def _quiet_quantizer():
         root.handlers[:] = handlers
 
 
+# A MatMul whose constant weight has fewer rows (K) than this is an outer product, not a projection: in the families
+# seen, the rotary angles, positions [..., 1] x inverse frequencies [1, head_dim / 2]. Quantizing it saves no bytes
+# and turns positions into position errors (int8's dynamic scale spans every position of the call: 0..2047 in
+# steps of 8); the quantizers leave it in fp32.
+_MIN_PROJECTION_ROWS = 16
+
+
+def outer_products(model: ir.Model) -> list[str]:
+    """Names of the MatMuls with a constant 2-D weight of fewer than `_MIN_PROJECTION_ROWS` rows."""
+    return [node.name for node in model.graph.all_nodes()
+            if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None
+            and len(node.inputs[1].const_value.shape) == 2 and node.inputs[1].const_value.shape[0] < _MIN_PROJECTION_ROWS]
+
+
 def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Weights of MatMul/Gemm to int8, activations quantized per call: MatMul -> DynamicQuantizeMatMul
     (ORT fuses DynamicQuantizeLinear + MatMulInteger); the token embedding to 8-bit blocks of its own
@@ -52,7 +66,7 @@ def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]
         out = Path(tmp) / "model.onnx"
         quantize_dynamic(
             _to_proto(model), out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
-            weight_type=QuantType.QInt8, use_external_data_format=True,
+            nodes_to_exclude=outer_products(model), weight_type=QuantType.QInt8, use_external_data_format=True,
             extra_options=dict(_CONTRIB_TYPE_HINT, MatMulConstBOnly=True),
         )
         quantized = ir.load(str(out))
@@ -91,7 +105,7 @@ def int8_static(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
         out = Path(tmp) / "model.onnx"
         quantize_static(
             _to_proto(model), out, _FeedReader(feeds), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"], per_channel=per_channel,
+            op_types_to_quantize=["MatMul"], per_channel=per_channel, nodes_to_exclude=outer_products(model),
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
             calibrate_method=CalibrationMethod.MinMax,
             extra_options=dict(_CONTRIB_TYPE_HINT, ActivationSymmetric=True, MatMulConstBOnly=True),
@@ -163,6 +177,9 @@ def weight_only_blocks(model: ir.Model, context: PassContext, pass_name: str, bi
                 skipped.append(node.name)
             continue
         rows, cols = tensor.shape  # K, N
+        if rows < _MIN_PROJECTION_ROWS:
+            skipped.append(node.name)
+            continue
         if weight.name not in blocks_of:
             blocks_of[weight.name] = _weight_blocks(model, weight.name, tensor, bits, block_size, symmetric)
         inputs = [node.inputs[0], *blocks_of[weight.name]]

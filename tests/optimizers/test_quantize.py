@@ -12,6 +12,7 @@ import pytest
 from exporter.trained import heldout_sequences
 from kiln.verify import TOLERANCES, logits_fidelity
 from optimizers import PassContext, recipe_for, run_recipe
+from optimizers.quantize import outer_products
 from runtimes.decoder_lm import calibration_prefills, contract_signature
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor
 from tests.optimizers.conftest import prefill_feeds
@@ -93,9 +94,13 @@ def test_trained_llama_and_moe_pass_the_int8_and_int4_gates(preset, exported, tm
         context = PassContext(precision=precision, facts=loaded.facts, family=loaded.family)
         run_recipe(path, context, passes=recipe_for("cpu", precision)[:-1], output=fused)  # what the quantizer gets
         _, reports = run_recipe(path, context, output=out)
-        assert reports[-1].quantized.get(op) == constant_weight_products(fused, op_types), reports[-1].quantized
+        # The rotary angles' MatMul (positions x inverse frequencies, K = 1) is no projection: it stays fp32.
+        outer = outer_products(ir.load(fused))
+        assert len(outer) == 1 and outer[0] in {n.name for n in ir.load(out).graph.all_nodes() if n.op_type == "MatMul"}
+        assert reports[-1].quantized.get(op) == constant_weight_products(fused, op_types) - 1, reports[-1].quantized
         if precision == "int4":
-            assert len(reports[-1].details["matmuls_left_in_fp32"]) == constant_weight_products(fused, ("Gemm",))
+            left = reports[-1].details["matmuls_left_in_fp32"]
+            assert len(left) == constant_weight_products(fused, ("Gemm",)) + 1 and outer[0] in left
         # Expert weights (gathered, not a MatMul's constant): up/gate and down of each MoE layer.
         assert len(reports[-1].details["expert_weights"]) == (2 * loaded.facts.layers if "moe" in preset else 0)
         size_ratio = reports[-1].bytes_after / reports[-1].bytes_before
