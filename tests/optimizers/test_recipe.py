@@ -103,3 +103,19 @@ def test_a_recipe_leaves_nothing_holding_the_model(exported):
     del model
     gc.collect()
     assert graph() is None
+
+
+def test_cleanup_runs_onnxscripts_optimizer_without_its_quadratic_multi_output_rules():
+    """onnxscript matches a multi-output pattern (SlicesSplit) by scanning the graph per candidate: left out while
+    the passes run, and the library's own rule list is back afterwards."""
+    from onnxscript import rewriter
+
+    from optimizers.cleanup import single_output_rewrites
+
+    everything = rewriter._DEFAULT_REWRITE_RULES
+    assert any(not rule._target_pattern.has_single_output_node for rule in everything if hasattr(rule, "_target_pattern"))
+    with single_output_rewrites():
+        kept = rewriter._DEFAULT_REWRITE_RULES
+        assert 0 < len(kept) < len(everything)
+        assert all(rule._target_pattern.has_single_output_node for rule in kept if hasattr(rule, "_target_pattern"))
+    assert rewriter._DEFAULT_REWRITE_RULES is everything
