@@ -172,7 +172,7 @@ def convert(
         if recorded is not None and not recorded.fits(loaded, fields.get("profile")):
             # The build's shape ranges leave out the inputs recorded: the source is loaded again for them.
             with step("reference"):
-                recorded = checks.record(load_model(spec, trust_remote_code=trust_remote_code), _signatures(graphs),
+                recorded = checks.record(_with_weights(loaded, spec, trust_remote_code), _signatures(graphs),
                                          fields.get("profile"))
             gc.collect()
         with runtimes.load(workdir, trust_native_code=True) as engine:  # built by this very call
@@ -186,9 +186,8 @@ def convert(
         if report.get("passed") is False:
             message = f"verification failed for {spec} ({target}, {precision}): " + "; ".join(report["failures"])
             if pass_reports and backend.open_graph is not None and checks.blame_passes:
-                if _weights_released(loaded):  # blaming a pass exports the source again
-                    loaded = load_model(spec, trust_remote_code=trust_remote_code)
-                report["error_by_pass"] = _error_by_pass(loaded, workdir / "blame", backend, request,
+                source = _with_weights(loaded, spec, trust_remote_code)  # blaming a pass exports the source again
+                report["error_by_pass"] = _error_by_pass(source, workdir / "blame", backend, request,
                                                          [r.name for r in pass_reports], engine.signature)
                 message += "; " + _blame(report["error_by_pass"])
             raise VerificationFailed(message, report)
@@ -212,8 +211,13 @@ def _release_weights(loaded) -> None:
     gc.collect()
 
 
-def _weights_released(loaded) -> bool:
-    return any(parameter.is_meta for parameter in loaded.module.parameters())
+def _with_weights(loaded, spec: str, trust_remote_code: bool):
+    """`loaded`, or the source loaded again when `_release_weights` let its weights go."""
+    from exporter import load_model
+
+    if any(parameter.is_meta for parameter in loaded.module.parameters()):
+        return load_model(spec, trust_remote_code=trust_remote_code)
+    return loaded
 
 
 def _signatures(graphs: dict) -> dict:

@@ -48,9 +48,13 @@ _MIN_PROJECTION_ROWS = 16
 
 def outer_products(model: ir.Model) -> list[str]:
     """Names of the MatMuls with a constant 2-D weight of fewer than `_MIN_PROJECTION_ROWS` rows."""
-    return [node.name for node in model.graph.all_nodes()
-            if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None
-            and len(node.inputs[1].const_value.shape) == 2 and node.inputs[1].const_value.shape[0] < _MIN_PROJECTION_ROWS]
+    return [node.name for node in model.graph.all_nodes() if _is_outer_product(node)]
+
+
+def _is_outer_product(node: ir.Node) -> bool:
+    weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+    shape = weight.const_value.shape if weight is not None and weight.const_value is not None else ()
+    return len(shape) == 2 and shape[0] < _MIN_PROJECTION_ROWS
 
 
 def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
@@ -176,10 +180,10 @@ def weight_only_blocks(model: ir.Model, context: PassContext, pass_name: str, bi
             if tensor is not None:
                 skipped.append(node.name)
             continue
-        rows, cols = tensor.shape  # K, N
-        if rows < _MIN_PROJECTION_ROWS:
+        if _is_outer_product(node):
             skipped.append(node.name)
             continue
+        rows, cols = tensor.shape  # K, N
         if weight.name not in blocks_of:
             blocks_of[weight.name] = _weight_blocks(model, weight.name, tensor, bits, block_size, symmetric)
         inputs = [node.inputs[0], *blocks_of[weight.name]]
