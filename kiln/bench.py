@@ -20,6 +20,10 @@ import numpy as np
 from runtimes.engine_dir import max_positions
 from runtimes.foreign import is_foreign
 
+# After a run, an ONNX Runtime pool spins a core for about 40 ms (measured here), OpenMP's a similar while; the
+# engine timed next waits this long so that it does not share its cores with the last one's spinning.
+SETTLE_S = 0.1
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -139,11 +143,15 @@ def run_bench(candidates: list[Candidate], config: BenchConfig, on_progress: Cal
     rng = np.random.default_rng(0)
     vocab = min(c.vocab_size for c in candidates)
     samples = {c.label: {"prefill": {}, "first_token": [], "decode": {}} for c in candidates}
+    bandwidths = []  # one per measured round: this machine's bandwidth drifts by a third over minutes
     for round_index in range(config.rounds + 1):  # round 0 warms up and is discarded
+        if round_index:
+            bandwidths.append(read_bandwidth(config.threads))
         for candidate in candidates:
             if on_progress:
                 on_progress(f"round {round_index}/{config.rounds}: {candidate.label}")
             figures = samples[candidate.label]
+            time.sleep(SETTLE_S)
             for length in config.prompt_lengths:
                 if candidate.max_positions and length > candidate.max_positions:
                     continue
@@ -156,7 +164,7 @@ def run_bench(candidates: list[Candidate], config: BenchConfig, on_progress: Cal
                     figures["decode"].setdefault(batch, []).append(rate)
                     if batch == 1:
                         figures["first_token"].append(first)
-    bandwidth = read_bandwidth(config.threads)
+    bandwidth = statistics.median(bandwidths)
     results = []
     for candidate in candidates:
         figures = samples[candidate.label]
@@ -166,6 +174,7 @@ def run_bench(candidates: list[Candidate], config: BenchConfig, on_progress: Cal
             "size_bytes": candidate.size_bytes,
             "weight_bytes": candidate.weight_bytes,
             "floor_tok_s": bandwidth / candidate.weight_bytes if candidate.weight_bytes else None,
+            "floor_share_b1": _floor_share(figures["decode"].get(1), bandwidths, candidate.weight_bytes),
             "prefill_ms": {str(k): _spread(v, 1e3) for k, v in figures["prefill"].items()},
             "first_token_ms": _spread(figures["first_token"], 1e3),
             "decode_tok_s": {str(k): _spread(v) for k, v in figures["decode"].items()},
@@ -176,9 +185,17 @@ def run_bench(candidates: list[Candidate], config: BenchConfig, on_progress: Cal
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "memory_gib": _memory_gib(), "python": platform.python_version()},
         "config": asdict(config),
         "read_bandwidth_gb_s": bandwidth / 1e9,
+        "read_bandwidth_gb_s_rounds": [b / 1e9 for b in bandwidths],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "engines": results,
     }
+
+
+def _floor_share(rates: list[float] | None, bandwidths: list[float], weight_bytes: int) -> float | None:
+    """Median over rounds of batch-1 decode tok/s over that round's floor (bandwidth / weight bytes)."""
+    if not rates or not weight_bytes:
+        return None
+    return statistics.median(rate * weight_bytes / bandwidth for rate, bandwidth in zip(rates, bandwidths))
 
 
 def _spread(values: list[float], scale: float = 1.0) -> dict:

@@ -638,7 +638,7 @@ def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batch
                f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s")
     lengths = [str(n) for n in config.prompt_lengths]
     header = ["engine", "MB"] + [f"prefill {n} ms" for n in lengths] + ["1st token ms"] + \
-        [f"decode b{b} tok/s" for b in config.batches] + ["floor b1", "vs first (decode b1)"]
+        [f"decode b{b} tok/s" for b in config.batches] + ["floor b1", "b1 / floor", "vs first (decode b1)"]
     click.echo("| " + " | ".join(header) + " |")
     click.echo("|" + " --- |" * len(header))
     for entry in report["engines"]:
@@ -647,6 +647,7 @@ def bench(ctx, engine_dirs, reference, compiled_reference, prompt_lengths, batch
         cells += [f"{entry['first_token_ms']['median']:.1f}"]
         cells += [f"{entry['decode_tok_s'][str(b)]['median']:.1f}" for b in config.batches]
         cells += [f"{entry['floor_tok_s']:.0f}" if entry["floor_tok_s"] else "-",
+                  f"{entry['floor_share_b1']:.0%}" if entry["floor_share_b1"] else "-",
                   f"{entry['vs_first'].get('decode_b1', float('nan')):.2f}x"]
         click.echo("| " + " | ".join(cells) + " |")
     if plot_path:

@@ -24,7 +24,13 @@ def test_bench_json_and_plot(engine_dir, tmp_path):
         assert entry["first_token_ms"]["median"] > 0
     onnx_entry = report["engines"][2]
     assert onnx_entry["size_bytes"] > onnx_entry["weight_bytes"] > 0
+    rounds = report["read_bandwidth_gb_s_rounds"]
+    assert len(rounds) == 2 and report["read_bandwidth_gb_s"] == pytest.approx(sum(rounds) / 2, rel=1e-9)
     assert onnx_entry["floor_tok_s"] == pytest.approx(report["read_bandwidth_gb_s"] * 1e9 / onnx_entry["weight_bytes"], rel=1e-9)
+    # The share of the floor is taken round by round, so it lies between the extremes of rate over floor.
+    decode, weights = onnx_entry["decode_tok_s"]["1"], onnx_entry["weight_bytes"]
+    assert decode["min"] * weights / (max(rounds) * 1e9) <= onnx_entry["floor_share_b1"] <= decode["max"] * weights / (min(rounds) * 1e9)
+    assert report["engines"][0]["floor_share_b1"] is None  # the reference reads no engine weights
     assert report["engines"][0]["vs_first"]["decode_b1"] == 1.0
     image = matplotlib.image.imread(tmp_path / "bench.png")
     assert image.shape[0] > 200 and image.shape[1] > 400
