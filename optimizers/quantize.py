@@ -1,7 +1,9 @@
-"""Precision passes, through onnxruntime's tools: int8 dynamic, int8 static (calibrated), int4 weight-only, fp16.
+"""Precision passes, with onnxruntime's tools and arithmetic: int8 dynamic, int8 static (calibrated), int4
+weight-only, fp16.
 
-These tools take a ModelProto or a file, so each pass serializes the onnx_ir model, runs the tool in a
-temporary folder and reads the result back.
+int8 dynamic and the weight-only blocks are written weight by weight on the onnx_ir graph. int8 static and fp16
+run the tools themselves, which take a ModelProto or a file: those passes serialize the model, run the tool in a
+temporary folder and read the result back.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from optimizers.expert_weights import quantize_gathered_weights
+from optimizers.int8_projections import quantize_projections
 from optimizers.onnx_io import load_external_weights
 from optimizers.pass_types import OpTypes, Pass, PassContext, PassOption, add_initializer
 from runtimes.decoder_lm import calibration_prefills, contract_signature
@@ -59,28 +62,18 @@ def _is_outer_product(node: ir.Node) -> bool:
 
 def int8_dynamic(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     """Weights of MatMul/Gemm to int8, activations quantized per call: MatMul -> DynamicQuantizeMatMul
-    (ORT fuses DynamicQuantizeLinear + MatMulInteger); the token embedding to 8-bit blocks of its own
-    (GatherBlockQuantized cannot read MatMulInteger's int8 [K, N], so a tied head does not share them);
-    gathered expert weights to int8, weight-only."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    (optimizers/int8_projections.py: onnxruntime's nodes and arithmetic, weight by weight); the token embedding
+    to 8-bit blocks of its own (GatherBlockQuantized cannot read MatMulInteger's int8 [K, N], so a tied head does
+    not share them); gathered expert weights to int8, weight-only."""
     per_channel = context.option("int8_dynamic", "per_channel")
     embedding_blocks = context.option("int8_dynamic", "quantize_embedding")
-    with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp, _quiet_quantizer():
-        out = Path(tmp) / "model.onnx"
-        quantize_dynamic(
-            _to_proto(model), out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
-            nodes_to_exclude=outer_products(model), weight_type=QuantType.QInt8, use_external_data_format=True,
-            extra_options=dict(_CONTRIB_TYPE_HINT, MatMulConstBOnly=True),
-        )
-        quantized = ir.load(str(out))
-        load_external_weights(quantized)
-    embedding = _token_embedding(quantized) if embedding_blocks else None
+    left = quantize_projections(model, per_channel, exclude=set(outer_products(model)))
+    embedding = _token_embedding(model) if embedding_blocks else None
     if embedding is not None:
-        embedding = _quantize_embedding(quantized, embedding, None, bits=8, block_size=_EMBEDDING_BLOCK, symmetric=True)
-        quantized.opset_imports.setdefault("com.microsoft", 1)
-    return quantized, {"per_channel": per_channel, "embedding": embedding,
-                       "expert_weights": quantize_gathered_weights(quantized, bits=8)}
+        embedding = _quantize_embedding(model, embedding, None, bits=8, block_size=_EMBEDDING_BLOCK, symmetric=True)
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return model, {"per_channel": per_channel, "embedding": embedding, "matmuls_left_in_fp32": left,
+                   "expert_weights": quantize_gathered_weights(model, bits=8)}
 
 
 _EMBEDDING_BLOCK = 32  # int8_dynamic's embedding rows: 8-bit blocks of 32, a scale each (int4's default block)
