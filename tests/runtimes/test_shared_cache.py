@@ -33,6 +33,22 @@ def test_the_shared_buffer_decodes_as_the_carried_cache(engine_dir):
                                                                                 np.ones((1, 9), np.int64))
 
 
+def test_steps_of_several_tokens_and_then_one(engine_dir):
+    with runtimes.load(engine_dir("tiny-llama"), threads=1) as engine:
+        # One row: GroupQueryAttention takes several new tokens after a cache only at batch 1.
+        ids, mask = pad_prompts(PROMPTS[:1], layout=SLOT)
+        runs = []
+        for steps in (engine.decode_steps(1, ids.shape[1] + 5), CarriedCache(engine, SLOT)):
+            steps.prefill(ids, mask)
+            two = steps.step(np.array([[40, 41]]))  # ONNX Runtime's own logits buffer
+            ones = [steps.step(np.array([[token]])) for token in (42, 43)]  # the bound one
+            runs.append((two, *ones))
+        for got, want in zip(*runs):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert not np.shares_memory(runs[0][1], runs[0][2])  # each step's logits are the caller's to keep
+
+
 def test_a_slot_engine_refuses_left_padded_rows(engine_dir):
     from runtimes.decoder_lm import prefill_feeds
 
