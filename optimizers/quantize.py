@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from optimizers.expert_weights import quantize_gathered_weights
-from optimizers.int8_projections import quantize_projections
+from optimizers.int8_projections import projection_weight, quantize_projections
 from optimizers.onnx_io import load_external_weights
 from optimizers.pass_types import OpTypes, Pass, PassContext, PassOption, add_initializer
 from runtimes.decoder_lm import calibration_prefills, contract_signature
@@ -167,15 +167,17 @@ def weight_only_blocks(model: ir.Model, context: PassContext, pass_name: str, bi
             skipped.append(node.name)
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
-        weight = node.inputs[1]
-        tensor = weight.const_value if weight is not None and weight.is_initializer() else None
-        if tensor is None or len(tensor.shape) != 2 or tensor.dtype != ir.DataType.FLOAT:
-            if tensor is not None:
-                skipped.append(node.name)
+        found = projection_weight(node)
+        if found is None:
+            weight = node.inputs[1]
+            if weight is not None and weight.is_initializer() and weight.const_value is not None:
+                skipped.append(node.name)  # a constant weight of another rank or type
             continue
         if _is_outer_product(node):
             skipped.append(node.name)
             continue
+        weight, _ = found
+        tensor = weight.const_value
         rows, cols = tensor.shape  # K, N
         if weight.name not in blocks_of:
             blocks_of[weight.name] = _weight_blocks(model, weight.name, tensor, bits, block_size, symmetric)
