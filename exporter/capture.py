@@ -18,6 +18,7 @@ import torch
 
 from exporter.errors import ExportError
 from exporter.graphs import GraphExport, export_kind
+from exporter.layer_stamping import NotRepeated, stamp_layers
 from exporter.sources import LoadedModel
 from runtimes.engine_dir import EXTERNAL_DATA_BYTES
 from runtimes.signature import Signature
@@ -32,6 +33,7 @@ class CapturedGraph:
     opset: int
     signature: Signature  # the kind's contract for this graph
     torch_ops: dict[str, int] = field(default_factory=dict)  # custom ops in an AOTI package -> call sites
+    stamped_layers: int = 0  # layers cloned from an exported one (exporter.layer_stamping), not traced
 
 
 def graph_path(out_dir: Path, role: str, suffix: str) -> Path:
@@ -63,21 +65,12 @@ def without_fake_tensor_cache():
 
 def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = EXTERNAL_DATA_BYTES) -> dict[str, CapturedGraph]:
     """Export each graph of `loaded` to ONNX in `out_dir` (+ `.data` beside it when its weights pass the threshold)."""
-    from torch.export import Dim
-
     captured = {}
     for role, graph in kind_graphs(loaded).items():
         signature = graph.signature
-        try:
-            # optimize=False: the `cleanup` pass that opens every ONNX recipe runs onnxscript's optimizer;
-            # running it here as well doubled its share of the convert.
-            with quiet_exporter(), without_fake_tensor_cache(), graph.capturing():
-                program = torch.onnx.export(
-                    graph.module, graph.args, dynamic_shapes=graph.dynamic_shapes(Dim), dynamo=True, optimize=False,
-                    input_names=[t.name for t in signature.inputs], output_names=[t.name for t in signature.outputs],
-                )
-        except Exception as e:  # the exporter raises many types; all mean "this model cannot be captured"
-            raise ExportError(export_failure(e)) from e
+        program, stamped = _export_stamped(graph)
+        if program is None:
+            program = _export(graph)
         _refuse_fixed_dims(program.model, signature, loaded)
         _name_dims(program.model, signature)
         weight_bytes = sum(p.numel() * p.element_size() for p in graph.module.parameters())
@@ -85,8 +78,45 @@ def capture(loaded: LoadedModel, out_dir: Path, external_data_threshold: int = E
         path = graph_path(out_dir, role, ".onnx")
         program.save(path, external_data=external)
         files = [path] + ([path.with_name(path.name + ".data")] if external else [])
-        captured[role] = CapturedGraph(path, files, external, program.model.opset_imports.get("", 0), signature)
+        captured[role] = CapturedGraph(path, files, external, program.model.opset_imports.get("", 0), signature,
+                                       stamped_layers=stamped)
     return captured
+
+
+def _export(graph: GraphExport):
+    """torch.onnx.export of one graph -> its ONNXProgram; ExportError naming why it cannot be captured."""
+    from torch.export import Dim
+
+    signature = graph.signature
+    try:
+        # optimize=False: the `cleanup` pass that opens every ONNX recipe runs onnxscript's optimizer;
+        # running it here as well doubled its share of the convert.
+        with quiet_exporter(), without_fake_tensor_cache(), graph.capturing():
+            return torch.onnx.export(
+                graph.module, graph.args, dynamic_shapes=graph.dynamic_shapes(Dim), dynamo=True, optimize=False,
+                input_names=[t.name for t in signature.inputs], output_names=[t.name for t in signature.outputs],
+            )
+    except Exception as e:  # the exporter raises many types; all mean "this model cannot be captured"
+        raise ExportError(export_failure(e)) from e
+
+
+def _export_stamped(graph: GraphExport):
+    """(ONNXProgram, layers stamped) from the graph's first layers when its layers repeat, or (None, 0): the
+    whole graph is exported then, and says why when it cannot be."""
+    repeated = graph.repeated
+    if repeated is None:
+        return None, 0
+    try:
+        program = _export(repeated.short)
+    except ExportError:
+        return None, 0
+    io_order = ([t.name for t in graph.signature.inputs], [t.name for t in graph.signature.outputs])
+    try:
+        stamped = stamp_layers(program.model, repeated.scope, repeated.count, graph.module.state_dict(keep_vars=True),
+                               io_order)
+    except NotRepeated:
+        return None, 0
+    return program, stamped
 
 
 def _refuse_fixed_dims(model, signature: Signature, loaded: LoadedModel) -> None:

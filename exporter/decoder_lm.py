@@ -5,11 +5,14 @@ The IO contract itself (names, dims, feeds) is `runtimes.decoder_lm`, shared wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 
 import torch
 
 from exporter.errors import ModelSourceError
-from exporter.graphs import GraphExport
+from exporter.graphs import GraphExport, RepeatedLayers
+from exporter.layer_stamping import EXPORTED
 from runtimes.decoder_lm import ModelFacts, contract_signature
 
 AUTO_CLASS = "AutoModelForCausalLM"
@@ -65,17 +68,92 @@ def dynamic_shapes(layers: int, dim) -> dict:
 
 def graphs(loaded) -> dict[str, GraphExport]:
     """The kind's one graph, role `model`: the causal LM with its KV cache as flat tensors."""
-    facts = loaded.facts
+    graph = _graph(loaded, loaded.facts, lambda: exportable_experts(loaded.module))
+    return {"model": dataclasses.replace(graph, repeated=repeated_layers(loaded))}
+
+
+def _graph(loaded, facts: ModelFacts, capturing) -> GraphExport:
     args = example_inputs(facts)
-    return {
-        "model": GraphExport(
-            module=DecoderWithCache(loaded.module, facts.layers).eval(),
-            args=(args[0], args[1], args[2], args[3:]),
-            dynamic_shapes=lambda dim: dynamic_shapes(facts.layers, dim),
-            signature=contract_signature(facts),
-            capturing=lambda: exportable_experts(loaded.module),
-        )
-    }
+    return GraphExport(
+        module=DecoderWithCache(loaded.module, facts.layers).eval(),
+        args=(args[0], args[1], args[2], args[3:]),
+        dynamic_shapes=lambda dim: dynamic_shapes(facts.layers, dim),
+        signature=contract_signature(facts),
+        capturing=capturing,
+    )
+
+
+def repeated_layers(loaded) -> RepeatedLayers | None:
+    """The model's decoder layers as one repeated block, with the graph of its first EXPORTED layers to stamp
+    from; None when the model has few layers or layers 1.. differ (Gemma's sliding and global layers)."""
+    facts = loaded.facts
+    found = _layer_list(loaded.module, facts.layers)
+    if facts.layers <= EXPORTED or facts.layer_caches or found is None:
+        return None
+    path, layers = found
+    if not _alike(layers, loaded.module.config.get_text_config(decoder=True), facts):
+        return None
+    short = dataclasses.replace(facts, layers=EXPORTED, attention_windows=facts.attention_windows[:EXPORTED])
+
+    @contextlib.contextmanager
+    def capturing():
+        with exportable_experts(loaded.module), first_layers(loaded.module, path, EXPORTED):
+            yield
+
+    return RepeatedLayers(f"model.{path}", facts.layers, _graph(loaded, short, capturing))
+
+
+def _layer_list(module, count: int) -> tuple[str, torch.nn.ModuleList] | None:
+    """The model's one ModuleList of `count` modules (Llama's `model.layers`, GPT-2's `transformer.h`)."""
+    lists = [(name, m) for name, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    return lists[0] if len(lists) == 1 else None
+
+
+def _alike(layers: torch.nn.ModuleList, config, facts: ModelFacts) -> bool:
+    """Whether layers 1.. share their classes, weight names, shapes and dtypes, their settings (attributes
+    but each layer's own index) and the config's per-layer entries (`layer_types`) and sliding windows."""
+    per_layer = [v for v in vars(config).values() if isinstance(v, (list, tuple)) and len(v) == len(layers)]
+    if any(len({repr(entry) for entry in entries[1:]}) > 1 for entries in [*per_layer, facts.attention_windows]):
+        return False
+    settings = [_settings(layer) for layer in layers]
+    own_index = {key for key in settings[1] if all(s.get(key) == i for i, s in enumerate(settings) if i)}
+    shown = [{k: v for k, v in s.items() if k not in own_index} for s in settings]
+    return all(s == shown[1] for s in shown[2:])
+
+
+def _settings(layer: torch.nn.Module) -> dict:
+    """(submodule, name) -> what a layer's graph may depend on: classes, weight shapes and dtypes, attributes
+    (plain values and partial functions by value, other objects by identity: a shared config)."""
+    settings = {}
+    for name, module in layer.named_modules():
+        settings[(name, "class")] = type(module)
+        for key, tensor in {**module._parameters, **module._buffers}.items():
+            settings[(name, key)] = None if tensor is None else (tuple(tensor.shape), tensor.dtype)
+        for key, value in vars(module).items():
+            if not key.startswith("_"):
+                settings[(name, key)] = _setting(value)
+    return settings
+
+
+def _setting(value):
+    if isinstance(value, (int, float, str, bool, type(None), tuple, list)):
+        return value
+    if isinstance(value, functools.partial):  # an activation's `partial(gelu, approximate="tanh")`, made per layer
+        return value.func, value.args, tuple(sorted(value.keywords.items()))
+    return id(value)
+
+
+@contextlib.contextmanager
+def first_layers(module: torch.nn.Module, path: str, count: int):
+    """The model with only its first `count` layers (the ModuleList at `path` cut) while the context holds."""
+    parent_path, _, name = path.rpartition(".")
+    parent = module.get_submodule(parent_path)
+    full = getattr(parent, name)
+    setattr(parent, name, torch.nn.ModuleList(list(full)[:count]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, full)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,18 @@ class GraphExport:
     dynamic_shapes: Callable[[Callable[[str], Any]], Any]
     signature: Signature  # IO names in the order of the module's flattened inputs and outputs, with dim names
     capturing: Callable[[], ContextManager] = contextlib.nullcontext  # what must hold while it is captured
+    repeated: "RepeatedLayers | None" = None  # its layers repeat one block: an ONNX capture may stamp them
+
+
+@dataclass(frozen=True)
+class RepeatedLayers:
+    """Layers 1..count-1 of a graph are one block repeated (alike in class, weight shapes, settings and per-layer
+    config): an ONNX capture may export `short`, the same graph with its first layers only, and stamp out the
+    last of those for the rest (`exporter.layer_stamping`)."""
+
+    scope: str  # the layers' ModuleList as a module path in GraphExport.module; layer i is `{scope}.{i}`
+    count: int
+    short: GraphExport
 
 
 @dataclass(frozen=True)

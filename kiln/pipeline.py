@@ -149,7 +149,9 @@ def convert(
             "precision": precision,
             "backend": backend.name,
             "device": target_spec.device,
-            "graphs": {role: {"file": g.path.relative_to(workdir).as_posix(), "signature": g.signature.to_json()}
+            "graphs": {role: {"file": g.path.relative_to(workdir).as_posix(), "signature": g.signature.to_json(),
+                              # layers cloned from an exported one, not traced (exporter.layer_stamping)
+                              **({"stamped_layers": g.stamped_layers} if g.stamped_layers else {})}
                        for role, g in graphs.items()},
             "opset": max(g.opset for g in graphs.values()),
             "tokenizer": tokenizer,
