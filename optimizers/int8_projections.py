@@ -87,6 +87,7 @@ def _int8_weight(model: ir.Model, weight: ir.Value, transposed: bool, per_channe
     tensor = weight.const_value
     array = tensor.numpy()
     arrays = int8_columns(np.ascontiguousarray(array.T) if transposed else array, per_channel)
+    del array  # a view of the mapped file: the mapping cannot close while it lives
     if isinstance(tensor, ir.ExternalTensor):
         tensor.release()  # unmaps the weight's pages of the .data file
     stem = f"{weight.name}_Transposed" if transposed else weight.name
