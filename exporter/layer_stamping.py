@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
@@ -40,7 +40,7 @@ class _Block:
     position: dict[ir.Node, int]  # node -> its index in `nodes`
     # The values that depend on the layer's weights or cache inputs: what the next layer may carry over.
     # Others the exporter files under a layer are shared (`batch * sequence` computed once, in layer 0).
-    variant: set[ir.Value] = field(default_factory=set)
+    variant: set[ir.Value]
 
 
 def stamp_layers(model: ir.Model, scope: str, count: int, weights: Mapping[str, "torch.Tensor"],
@@ -59,14 +59,11 @@ def stamp_layers(model: ir.Model, scope: str, count: int, weights: Mapping[str, 
         raise NotRepeated(f"layers {TEMPLATE - 1} and {TEMPLATE} export to different nodes")
     tail_uses = _tail_uses(graph, blocks)
     new_inputs, new_outputs, new_weights = {}, {}, {}
-    plans = []
-    for k in range(EXPORTED, count):
-        plans.append(_layer_values(graph, scope, template, k, weights, new_inputs, new_weights))
+    plans = [_layer_values(scope, template, k, weights, new_inputs, new_weights) for k in range(EXPORTED, count)]
     # Nothing of `model` has changed up to here: every refusal above leaves it as exported.
-    last, after = template, template.nodes[-1]
+    last = template
     for k, substitutes in zip(range(EXPORTED, count), plans):
-        last = _clone_block(graph, template, previous, last, k, scope, substitutes, new_outputs, after)
-        after = last.nodes[-1]
+        last = _clone_block(graph, template, previous, last, k, scope, substitutes, new_outputs)
     for (node, index), (position, output) in tail_uses.items():
         node.replace_input_with(index, last.nodes[position].outputs[output])
     for value in new_weights.values():
@@ -200,7 +197,7 @@ def _tail_uses(graph: ir.Graph, blocks: list[_Block]) -> dict[tuple[ir.Node, int
     return uses
 
 
-def _layer_values(graph: ir.Graph, scope: str, template: _Block, k: int, weights: Mapping, new_inputs: dict,
+def _layer_values(scope: str, template: _Block, k: int, weights: Mapping, new_inputs: dict,
                   new_weights: dict) -> dict[ir.Value, ir.Value]:
     """Layer k's weights and cache inputs, made beside the template's: template value -> layer k's value."""
     substitutes = {}
@@ -228,8 +225,8 @@ def _initializer(name: str, like: ir.Value, tensor) -> ir.Value:
 
 
 def _clone_block(graph: ir.Graph, template: _Block, previous: _Block, last: _Block, k: int, scope: str,
-                 substitutes: dict[ir.Value, ir.Value], new_outputs: dict, after: ir.Node) -> _Block:
-    """Layer k: the template's nodes cloned after `after`, their carries taken from `last` (layer k-1)."""
+                 substitutes: dict[ir.Value, ir.Value], new_outputs: dict) -> _Block:
+    """Layer k: the template's nodes cloned after `last` (layer k-1), their carries taken from it."""
     mapped = dict(substitutes)
     nodes = []
     for node in template.nodes:
@@ -255,7 +252,7 @@ def _clone_block(graph: ir.Graph, template: _Block, previous: _Block, last: _Blo
                 new_outputs[io_name] = copied
             mapped[value] = copied
         nodes.append(clone)
-    graph.insert_after(after, nodes)
+    graph.insert_after(last.nodes[-1], nodes)
     return _Block(nodes, {node: i for i, node in enumerate(nodes)})
 
 
