@@ -253,7 +253,7 @@ def _clone_block(graph: ir.Graph, template: _Block, previous: _Block, last: _Blo
             mapped[value] = copied
         nodes.append(clone)
     graph.insert_after(last.nodes[-1], nodes)
-    return _Block(nodes, {node: i for i, node in enumerate(nodes)})
+    return _Block(nodes, {node: i for i, node in enumerate(nodes)}, variant=set())  # read of layers 0-2 only
 
 
 def _scoped(metadata: Mapping[str, str], scope: str, k: int) -> dict[str, str]:
