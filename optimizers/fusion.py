@@ -15,6 +15,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
 
 from optimizers.cleanup import single_output_rewrites
+from optimizers.mha_to_gqa import mha_to_gqa
 from optimizers.packed_qkv import pack_qkv
 from optimizers.pass_types import Pass, PassContext, PassOption
 from runtimes.decoder_lm import APPEND, SLOT
@@ -182,10 +183,12 @@ def _fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
     gqa = context.option("fusion", "gqa")
     backup = model.clone() if gqa else None  # clone(): onnx_ir shares the weights' data, not copied
     model, counts = _optimize_for_ort(model, rotary_cache=gqa)
+    windows = context.facts.attention_windows if context.facts else ()
+    if gqa and not windows and not any(n.op_type == "GroupQueryAttention" for n in _attention_nodes(model)):
+        counts["mha_to_gqa"] = mha_to_gqa(model)  # absolute positions: no rotary for onnxscript's rule to form on
     attention = _attention_nodes(model)
     grouped = sum(n.op_type == "GroupQueryAttention" for n in attention)
     mixed = 0 < grouped < len(attention)
-    windows = context.facts.attention_windows if context.facts else ()
     if grouped and windows and grouped != len(windows):
         mixed = True  # which node is which layer is unknown: a sliding window could land on the wrong one
     elif grouped and not mixed:

@@ -6,6 +6,9 @@ padded `generate` runs on the engine: on the left for the APPEND cache layout, o
 dropped when rows leave, so a batch is never wider than its longest live row.
 
 Each row decodes as it would alone: its positions come from its own mask, its sampler from its own seed.
+Where the engine decodes in place (SLOT, on an adapter that binds host buffers: runtimes/shared_cache.py), the
+caches are rebuilt HEADROOM columns wider than the rows need and every step writes into them, instead of
+copying the whole cache into a present one column longer.
 """
 from __future__ import annotations
 
@@ -13,8 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtimes.decoder_lm import APPEND, LOGITS_TO_KEEP, PRESENT_PREFIX, SLOT, next_feeds, prefill_feeds
+from runtimes.decoder_lm import APPEND, LOGITS_TO_KEEP, PAST_PREFIX, PRESENT_PREFIX, SLOT, next_feeds, prefill_feeds
 from runtimes.generate import choose_next
+
+# Columns a shared cache holds beyond the widest row when it is rebuilt (rows joining or leaving, or the cache
+# full): the steps until then write their keys and values in place.
+HEADROOM = 64
 
 
 @dataclass
@@ -86,6 +93,8 @@ class ContinuousBatch:
         self.mask = np.zeros((0, 0), dtype=np.int64)  # [rows, cached columns]
         self.cache: dict[str, np.ndarray] = {}  # present.* -> [rows, kv_heads, columns, dim]
         self.pending = np.zeros((0, 1), dtype=np.int64)  # each row's last token, not yet in the cache
+        self.sharing = self.layout == SLOT and hasattr(predictor, "shared_steps")
+        self.steps = None  # the SharedCache over self.cache while sharing
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,11 +117,18 @@ class ContinuousBatch:
             self._rebuild()
 
     def _decode(self) -> list[Sequence]:
-        feeds = next_feeds(self.signature, {"attention_mask": self.mask}, self.cache, self.pending, layout=self.layout)
-        outputs = self.predictor.forward(feeds)
-        self.mask = feeds["attention_mask"]
-        self.cache = {name: outputs[name] for name in self.cache}
-        self.pending = self._choose(self.rows, outputs["logits"][:, -1, :])
+        if self.steps is not None and self.mask.shape[1] >= self.steps.capacity:
+            self._rebuild()  # the shared cache is full: again, with room
+        if self.steps is not None:
+            logits = self.steps.step(self.pending)  # the caches are written in place
+            self.mask = self.steps.mask
+        else:
+            feeds = next_feeds(self.signature, {"attention_mask": self.mask}, self.cache, self.pending, layout=self.layout)
+            outputs = self.predictor.forward(feeds)
+            self.mask = feeds["attention_mask"]
+            self.cache = {name: outputs[name] for name in self.cache}
+            logits = outputs["logits"]
+        self.pending = self._choose(self.rows, logits[:, -1, :])
         return list(self.rows)
 
     def _prefill(self, joining: list[Sequence]) -> list[Part]:
@@ -148,12 +164,20 @@ class ContinuousBatch:
                 parts.append(Part([part.rows[i] for i in live], part.mask[live],
                                   {name: array[live] for name, array in part.cache.items()}, part.pending[live]))
         width = max((part.mask.shape[1] for part in parts), default=0)
+        capacity = width + HEADROOM if self.sharing else width
         names = parts[0].cache if parts else {}
         self.rows = [row for part in parts for row in part.rows]
         left = self.layout != SLOT
         self.mask = _stack_padded([part.mask for part in parts], width, 1, left, np.int64)
-        self.cache = {name: _stack_padded([part.cache[name] for part in parts], width, 2, left) for name in names}
+        self.cache = {name: _stack_padded([part.cache[name] for part in parts], capacity, 2, left) for name in names}
         self.pending = np.concatenate([part.pending for part in parts]) if parts else np.zeros((0, 1), np.int64)
+        self.steps = None
+        if self.sharing and self.rows:
+            buffers = {PAST_PREFIX + name[len(PRESENT_PREFIX):]: array for name, array in self.cache.items()}
+            self.steps = self.predictor.shared_steps(len(self.rows), capacity, buffers, self.mask)
+            if self.steps is None:  # the adapter binds no host buffers (a GPU session): carry the caches
+                self.sharing = False
+                self.cache = {name: array[:, :, :width] for name, array in self.cache.items()}
 
     @staticmethod
     def _choose(rows: list[Sequence], logits: np.ndarray) -> np.ndarray:

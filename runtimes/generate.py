@@ -31,6 +31,9 @@ class DecoderLMPredictor(Predictor):
         self.tokenizer = tokenizer
         self.cache_layout = cache_layout  # runtimes.decoder_lm.APPEND or SLOT: how steps feed its caches
         self.keeps_logits = keeps_logits  # the graph takes `logits_to_keep` (a prefill skips unread logits)
+        # Feeds padded to bucketed shapes (a provider that compiles per shape) are padded on the left; an engine
+        # whose attention reads right-padded rows (SLOT) is fed its shapes as they are.
+        self.buckets = self.model.shape_buckets and cache_layout != SLOT
 
     @classmethod
     def from_engine_dir(cls, graphs: Mapping[str, Predictor], engine_dir, manifest: Mapping) -> DecoderLMPredictor:
@@ -49,13 +52,13 @@ class DecoderLMPredictor(Predictor):
             raise FeedError(f"input '{LOGITS_TO_KEEP}': this engine computes every position's logits (it has no such "
                             "input; engines converted since it was added do)")
         feeds = {name: array for name, array in feeds.items() if name != LOGITS_TO_KEEP}
-        if not extra and not self.model.shape_buckets:
+        if not extra and not self.buckets:
             return self.model.predict(feeds)  # the graph's own checks (a foreign one drops feeds it does not take)
         self.signature.validate(feeds)
         return self.forward({**feeds, **extra})
 
     def forward(self, feeds):
-        if not self.model.shape_buckets:
+        if not self.buckets:
             return self.model.forward(feeds)
         # Bucketed feeds: every position's logits, which strip_buckets cuts as it expects.
         feeds = {name: array for name, array in feeds.items() if name != LOGITS_TO_KEEP}
@@ -74,14 +77,19 @@ class DecoderLMPredictor(Predictor):
         return stream(self, encode_prompts(self.tokenizer, prompts), max_new_tokens, **options)
 
     def decode_steps(self, batch: int, capacity: int):
-        """What `stream` decodes with: one preallocated cache shared by past and present where the graph's
-        attention writes in place (SLOT layout, and an adapter that binds buffers), else `CarriedCache`."""
+        """What `stream` decodes with: `shared_steps`, else `CarriedCache`."""
+        return self.shared_steps(batch, capacity) or CarriedCache(self, self.cache_layout)
+
+    def shared_steps(self, batch: int, capacity: int, buffers: dict[str, np.ndarray] | None = None,
+                     mask: np.ndarray | None = None):
+        """Decode steps over one preallocated cache per layer shared by past and present (`SharedCache`, over
+        `buffers` when given), where the graph's attention writes in place (SLOT layout) and the adapter binds
+        host buffers; else None."""
         shared = getattr(self.model, "shared_cache", None)
-        if self.cache_layout == SLOT and shared is not None and not self.model.shape_buckets:
-            steps = shared(batch, capacity, self.keeps_logits)
-            if steps is not None:
-                return steps
-        return CarriedCache(self, self.cache_layout)
+        if self.cache_layout != SLOT or shared is None or self.model.shape_buckets:
+            return None
+        given = {} if buffers is None else {"buffers": buffers, "mask": mask}
+        return shared(batch, capacity, self.keeps_logits, **given)
 
     def close(self) -> None:
         for graph in self.graphs.values():

@@ -16,9 +16,14 @@ from runtimes.errors import FeedError
 
 
 class SharedCache:
-    """`prefill(ids, mask)` then `step(new_ids)` of a SLOT engine's session, its caches `capacity` columns wide."""
+    """`prefill(ids, mask)` then `step(new_ids)` of a SLOT engine's session, its caches `capacity` columns wide.
 
-    def __init__(self, session: ort.InferenceSession, signature, batch: int, capacity: int, keeps_logits: bool = False):
+    `buffers` (past name -> `[batch, kv_heads, capacity, dim]`, C-contiguous) are the caller's caches to decode
+    over in place, their first `mask.shape[1]` columns filled (continuous batching rebuilds them as rows come
+    and go); without them the caches start empty and `prefill` fills them."""
+
+    def __init__(self, session: ort.InferenceSession, signature, batch: int, capacity: int, keeps_logits: bool = False,
+                 buffers: dict[str, np.ndarray] | None = None, mask: np.ndarray | None = None):
         self.session, self.signature, self.capacity, self.keeps_logits = session, signature, capacity, keeps_logits
         self.binding = session.io_binding()
         # One-token steps write their logits into this buffer: reading them back then wraps no output OrtValues
@@ -32,13 +37,13 @@ class SharedCache:
         self.values = []  # the OrtValues stay referenced while bound
         for spec in past_inputs(signature):
             _, heads, _, dim = spec.shape
-            buffer = np.zeros((batch, heads, capacity, dim), dtype=spec.dtype)
+            buffer = np.zeros((batch, heads, capacity, dim), dtype=spec.dtype) if buffers is None else buffers[spec.name]
             value = ort.OrtValue.ortvalue_from_numpy(buffer)
             self.binding.bind_ortvalue_input(spec.name, value)
             self.binding.bind_ortvalue_output(PRESENT_PREFIX + spec.name[len(PAST_PREFIX):], value)
             self.buffers[spec.name] = buffer
             self.values.append(value)
-        self.mask = np.zeros((batch, 0), np.int64)
+        self.mask = np.zeros((batch, 0), np.int64) if mask is None else mask
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The right-padded prompt's logits `[batch, sequence, vocab]`, or only the last columns that hold every

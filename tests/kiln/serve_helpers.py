@@ -39,6 +39,23 @@ class SlowEngine:
         time.sleep(self.delay)
         return self.engine.forward(feeds)
 
+    def shared_steps(self, *args, **kwargs):
+        """The engine's in-place decode steps (SLOT engines), each delayed too."""
+        steps = self.engine.shared_steps(*args, **kwargs)
+        return None if steps is None else SlowSteps(steps, self.delay)
+
+
+class SlowSteps:
+    def __init__(self, steps, delay: float):
+        self.steps, self.delay = steps, delay
+
+    def __getattr__(self, name):
+        return getattr(self.steps, name)
+
+    def step(self, new_ids):
+        time.sleep(self.delay)
+        return self.steps.step(new_ids)
+
 
 def slow_down(app, delay: float) -> None:
     batch = app.state.service.scheduler.batch

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import kiln
 from kiln.cli import cli
 from kiln.targets import TARGETS
-from runtimes.decoder_lm import prefill_feeds
+from runtimes.decoder_lm import SLOT, prefill_feeds
 from runtimes.errors import EngineError
 from runtimes.onnxruntime_adapter import OnnxRuntimePredictor, provider_load_problem
 from tests.runtimes.ort_standin import StandInGpuProviders, engine_for_target
@@ -106,22 +106,35 @@ def test_a_manifest_cannot_name_a_library_for_a_provider_to_load(monkeypatch, en
         kiln.load(engine)
 
 
-def test_migraphx_sees_a_few_bucketed_shapes_and_gives_the_same_tokens(monkeypatch, engine_dir, tmp_path, cpu_tokens):
-    """MIGraphX compiles per input shape: 20 decode steps would be 20 compiles; bucketed, they are 3."""
+def test_migraphx_sees_a_few_bucketed_shapes_and_gives_the_same_tokens(monkeypatch, tmp_path, cpu_tokens):
+    """MIGraphX compiles per input shape: 20 decode steps would be 20 compiles; bucketed, they are 3. Buckets pad
+    on the left, as an engine whose attention is MultiHeadAttention reads its rows (cache layout APPEND)."""
+    appended = kiln.convert("tiny-gpt2", output=tmp_path / "append", pass_options=["fusion.gqa=false"]).engine_dir
     standin = StandInGpuProviders(monkeypatch, ["MIGraphXExecutionProvider"])
-    engine = engine_for_target(engine_dir("tiny-gpt2"), tmp_path / "e", TARGETS["rocm"], shape_buckets=True)
+    engine = engine_for_target(appended, tmp_path / "e", TARGETS["rocm"], shape_buckets=True)
     with kiln.load(engine) as loaded:
         np.testing.assert_array_equal(loaded.generate(PROMPTS, max_new_tokens=20), cpu_tokens)
         ids = np.array([[3, 1, 4, 1, 5, 9]])
         feeds = prefill_feeds(loaded.signature, ids)
         got = loaded.predict(feeds)
-    with kiln.load(engine_dir("tiny-gpt2")) as reference:
+    with kiln.load(appended) as reference:
         want = reference.predict(feeds)
     for name in want:
         assert got[name].shape == want[name].shape
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
     shapes = {(fed["input_ids"][1], fed["past_key_values.0.key"][2]) for fed in standin.sessions[0].fed}
     assert shapes == {(8, 0), (1, 8), (1, 16), (1, 32)}  # prompt 5 -> 8; pasts 5..23 -> 8, 16, 32
+
+
+def test_an_engine_that_reads_right_padded_rows_is_fed_unbucketed(monkeypatch, engine_dir, tmp_path, cpu_tokens):
+    # tiny-gpt2's engine attends with GroupQueryAttention, which reads each row from column 0 (cache layout SLOT).
+    standin = StandInGpuProviders(monkeypatch, ["MIGraphXExecutionProvider"])
+    engine = engine_for_target(engine_dir("tiny-gpt2"), tmp_path / "e", TARGETS["rocm"], shape_buckets=True)
+    with kiln.load(engine) as loaded:
+        assert loaded.cache_layout == SLOT
+        np.testing.assert_array_equal(loaded.generate(PROMPTS, max_new_tokens=20), cpu_tokens)
+    prompts = {fed["input_ids"][1] for fed in standin.sessions[0].fed if fed["past_key_values.0.key"][2] == 0}
+    assert prompts == {5}  # the prompt as it is, not padded to a bucket of 8
 
 
 def test_bfloat16_io_is_named_in_the_signature(tmp_path):
