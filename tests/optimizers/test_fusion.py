@@ -94,3 +94,27 @@ def test_llama_gqa_can_be_turned_off_for_left_padding(exported, tmp_path):
     assert reports[-1].details["cache_layout"] == APPEND
     want, got = padded_decode(OnnxRuntimePredictor(path)), padded_decode(OnnxRuntimePredictor(out))
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_multi_head_attention_becomes_grouped_only_over_the_causal_padding_mask(exported, tmp_path):
+    import onnx_ir as ir
+
+    from optimizers.mha_to_gqa import mha_to_gqa
+
+    path, loaded = exported("tiny-gpt2")
+    out = tmp_path / "mha.onnx"
+    context = PassContext(facts=loaded.facts, family=loaded.family, options=parse_pass_options(["fusion.gqa=false"]))
+    run_recipe(path, context, passes=["cleanup", "fusion"], output=out)
+    assert mha_to_gqa(ir.load(out)) == loaded.facts.layers
+    # The same attention with a bias added to its mask (as ALiBi adds one): GroupQueryAttention has no such input.
+    model = ir.load(out)
+    attention = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
+    shift = ir.Value(name="shift", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]),
+                     const_value=ir.tensor(np.array([-1.0], np.float32), name="shift"))
+    model.graph.register_initializer(shift)
+    biased = ir.node("Add", [attention[0].inputs[5], shift], name="biased")
+    model.graph.insert_before(attention[0], [biased])
+    for node in attention:
+        node.replace_input_with(5, biased.outputs[0])
+    assert mha_to_gqa(model) == 0
+    assert sum(n.op_type == "MultiHeadAttention" for n in model.graph) == loaded.facts.layers

@@ -8,7 +8,7 @@ from optimizers import (
     PASSES, Pass, PassContext, PassOption, RecipeError, describe_options, parse_pass_options, run_recipe,
 )
 
-MHA, SLN = "com.microsoft::MultiHeadAttention", "com.microsoft::SkipLayerNormalization"
+GQA, SLN = "com.microsoft::GroupQueryAttention", "com.microsoft::SkipLayerNormalization"
 FAST_GELU, NBITS = "com.microsoft::FastGelu", "com.microsoft::MatMulNBits"
 GATHER_BLOCKS = "com.microsoft::GatherBlockQuantized"
 
@@ -16,7 +16,7 @@ GATHER_BLOCKS = "com.microsoft::GatherBlockQuantized"
 CREATED_ON_TINY_GPT2 = {
     "cleanup": ([], {}),
     "fold_weight_transposes": (["cleanup"], {}),
-    "fusion": (["cleanup", "fold_weight_transposes"], {MHA: 2, SLN: 5, FAST_GELU: 2}),
+    "fusion": (["cleanup", "fold_weight_transposes"], {GQA: 2, SLN: 5, FAST_GELU: 2}),
     "logits_to_keep": (["cleanup", "fold_weight_transposes", "fusion"], {}),
     "kiln_attention": (["cleanup"], {"kiln::CausalAttention": 2}),
     "fp16": (["cleanup", "fold_weight_transposes", "fusion"], {}),
