@@ -7,8 +7,8 @@ dropped when rows leave, so a batch is never wider than its longest live row.
 
 Each row decodes as it would alone: its positions come from its own mask, its sampler from its own seed.
 Where the engine decodes in place (SLOT, on an adapter that binds host buffers: runtimes/shared_cache.py), the
-caches are rebuilt HEADROOM columns wider than the rows need and every step writes into them, instead of
-copying the whole cache into a present one column longer.
+caches are rebuilt with room beyond the widest row and every step writes into them, instead of copying the
+whole cache into a present one column longer.
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from runtimes.decoder_lm import APPEND, LOGITS_TO_KEEP, PAST_PREFIX, PRESENT_PRE
 from runtimes.generate import choose_next
 
 # Columns a shared cache holds beyond the widest row when it is rebuilt (rows joining or leaving, or the cache
-# full): the steps until then write their keys and values in place.
-HEADROOM = 64
+# full): at least HEADROOM, else as many as the rows are wide, so a batch that runs long is rebuilt log-many
+# times. The steps write their keys and values there; until then those columns are never touched (the op
+# reads a row's cache up to its own length), so their memory costs no copy and no page faults.
+HEADROOM = 16
 
 
 @dataclass
@@ -164,17 +166,18 @@ class ContinuousBatch:
                 parts.append(Part([part.rows[i] for i in live], part.mask[live],
                                   {name: array[live] for name, array in part.cache.items()}, part.pending[live]))
         width = max((part.mask.shape[1] for part in parts), default=0)
-        capacity = width + HEADROOM if self.sharing else width
+        room = max(HEADROOM, width) if self.sharing else 0
         names = parts[0].cache if parts else {}
         self.rows = [row for part in parts for row in part.rows]
         left = self.layout != SLOT
         self.mask = _stack_padded([part.mask for part in parts], width, 1, left, np.int64)
-        self.cache = {name: _stack_padded([part.cache[name] for part in parts], capacity, 2, left) for name in names}
+        self.cache = {name: _stack_padded([part.cache[name] for part in parts], width, 2, left, room=room)
+                      for name in names}
         self.pending = np.concatenate([part.pending for part in parts]) if parts else np.zeros((0, 1), np.int64)
         self.steps = None
         if self.sharing and self.rows:
             buffers = {PAST_PREFIX + name[len(PRESENT_PREFIX):]: array for name, array in self.cache.items()}
-            self.steps = self.predictor.shared_steps(len(self.rows), capacity, buffers, self.mask)
+            self.steps = self.predictor.shared_steps(len(self.rows), width + room, buffers, self.mask)
             if self.steps is None:  # the adapter binds no host buffers (a GPU session): carry the caches
                 self.sharing = False
                 self.cache = {name: array[:, :, :width] for name, array in self.cache.items()}
@@ -190,18 +193,19 @@ class ContinuousBatch:
         return picked[:, None]
 
 
-def _stack_padded(arrays: list[np.ndarray], width: int, axis: int, left: bool, dtype=None) -> np.ndarray:
-    """Stack `arrays` along rows, each padded with zeros to `width` on `axis` (the columns), on the `left` or right."""
+def _stack_padded(arrays: list[np.ndarray], width: int, axis: int, left: bool, dtype=None, room: int = 0) -> np.ndarray:
+    """Stack `arrays` along rows, each padded with zeros to `width` on `axis` (the columns), on the `left` or right;
+    `room` more columns after those, not written."""
     if not arrays:
         return np.zeros((0, 0), dtype)
     shape = list(arrays[0].shape)
-    shape[0], shape[axis] = sum(a.shape[0] for a in arrays), width
+    shape[0], shape[axis] = sum(a.shape[0] for a in arrays), width + room
     # np.empty, not np.zeros: calloc'd pages fault in on first write, which costs more than the copy.
     out = np.empty(shape, arrays[0].dtype)
     at = 0
     for array in arrays:
         block, pad = out[at: at + array.shape[0]], width - array.shape[axis]
-        zeros, data = (slice(0, pad), slice(pad, None)) if left else (slice(width - pad, None), slice(0, width - pad))
+        zeros, data = (slice(0, pad), slice(pad, width)) if left else (slice(width - pad, width), slice(0, width - pad))
         block[(slice(None),) * axis + (zeros,)] = 0
         block[(slice(None),) * axis + (data,)] = array
         at += array.shape[0]

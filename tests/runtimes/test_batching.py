@@ -45,3 +45,20 @@ def test_an_eos_token_finishes_a_row_without_being_kept(engine_dir):
         while len(batch):
             batch.step()
         assert sequence.finish_reason == "stop" and sequence.tokens == first[: first.index(eos)]
+
+
+def test_a_slot_engine_decodes_in_place_and_grows_its_cache(engine_dir):
+    # tiny-llama attends with GroupQueryAttention: the batch binds its caches as past and present at once.
+    with runtimes.load(engine_dir("tiny-llama"), threads=1) as engine:
+        prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14]]
+        alone = [engine.generate([p], 40)[0].tolist() for p in prompts]
+        batch = ContinuousBatch(engine)
+        sequences = [Sequence(p, 40) for p in prompts]
+        batch.step(sequences)
+        capacities = set()
+        while len(batch):
+            capacities.add(batch.steps.capacity)
+            assert batch.cache["present.0.key"].shape[2] == batch.steps.capacity >= batch.mask.shape[1]
+            batch.step()
+        assert [s.tokens for s in sequences] == alone
+        assert len(capacities) >= 2  # 6 + 16 columns at first, rebuilt wider when full
