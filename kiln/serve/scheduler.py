@@ -10,7 +10,7 @@ import threading
 from collections import deque
 from typing import Callable
 
-from runtimes.batching import ContinuousBatch, Sequence
+from runtimes.batching import ContinuousBatch, Sequence, warm_up
 
 # A listener gets each step's new tokens of its sequence and, on the last call, why it finished.
 Listener = Callable[[list[int], "str | None"], None]
@@ -42,6 +42,7 @@ class Scheduler:
         return len(self.batch)
 
     def start(self) -> Scheduler:
+        warm_up(self.batch.predictor, self.max_batch)  # before the first request, not in its time
         self.thread.start()
         return self
 
