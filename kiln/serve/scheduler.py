@@ -42,7 +42,12 @@ class Scheduler:
         return len(self.batch)
 
     def start(self) -> Scheduler:
-        warm_up(self.batch.predictor, self.max_batch)  # before the first request, not in its time
+        try:
+            warm_up(self.batch.predictor, self.max_batch)  # before the first request, not in its time
+        except Exception:  # noqa: BLE001  as a failed step in _run: the engine's error, here for a batch this large
+            # An engine whose shape profile holds fewer rows (TensorRT) refuses it; the requests that would make
+            # such a batch get that error, and the server starts as it did before warming up.
+            pass
         self.thread.start()
         return self
 
