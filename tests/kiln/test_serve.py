@@ -262,3 +262,33 @@ def test_a_diffusion_engine_serves_images_equal_to_generate_image(sd_engine):
     assert np.array_equal(np.stack(images), expected)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"
     assert text.status_code == 400 and "does not generate text" in text.json()["error"]["message"]
+
+
+class _AtMostTwoRows:
+    """The engine with a shape profile of at most 2 rows, as a TensorRT engine's may be."""
+
+    def __init__(self, engine):
+        self.engine, self.signature, self.cache_layout = engine, engine.signature, engine.cache_layout
+
+    def forward(self, feeds):
+        from runtimes.errors import FeedError
+
+        if feeds["input_ids"].shape[0] > 2:
+            raise FeedError(f"input 'input_ids': axis 0 is {feeds['input_ids'].shape[0]}, outside the profile 1..2")
+        return self.engine.forward(feeds)
+
+
+def test_the_scheduler_starts_when_its_engine_refuses_the_warm_up_batch(engine, alone):
+    from kiln.serve.scheduler import Scheduler
+    from runtimes.batching import Sequence
+
+    with runtimes.load(engine, threads=1) as loaded:
+        scheduler = Scheduler(_AtMostTwoRows(loaded), max_batch=4).start()  # warms up with 4 rows: refused
+        done = []
+        sequence = Sequence([5, 8, 11], 4)
+        scheduler.submit(sequence, lambda tokens, reason: done.append(reason) if reason else None)
+        deadline = time.monotonic() + 30
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        scheduler.stop(30)
+    assert done == ["length"] and sequence.tokens == alone([5, 8, 11], 4)
