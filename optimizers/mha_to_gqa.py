@@ -16,6 +16,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from optimizers.pass_types import add_initializer
+from runtimes.decoder_lm import positions_of
+
 _PAST_KEY, _PAST_VALUE, _ATTENTION_BIAS = 6, 7, 5  # MultiHeadAttention's input indices
 # Probe feeds: (batch rows' attention masks, sequence, past): left and right padding, a prefill and a decode step.
 _PROBES = ((np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]), 3, 4),
@@ -35,7 +38,7 @@ def mha_to_gqa(model: ir.Model) -> int:
     positions = next((v for v in model.graph.inputs if v.name == "position_ids"), None)
     if positions is None:
         return 0
-    seqlens, total = _sequence_lengths(model.graph, positions)
+    seqlens, total = _sequence_lengths(model, positions)
     for node in attention:
         _replace(model.graph, node, seqlens, total)
     onnx_ir.passes.common.RemoveUnusedNodesPass()(model)  # the mask's subgraph, now unread
@@ -76,13 +79,13 @@ def _is_causal_padding_mask(model: ir.Model, mask: ir.Value) -> bool:
 
 def _probe_feeds(inputs, attention_mask: np.ndarray, sequence: int, past: int) -> dict[str, np.ndarray]:
     batch, total = attention_mask.shape
-    positions = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, past:]
+    positions = positions_of(attention_mask)[:, past:]
     feeds = {}
     for value in inputs:
         if value.name == "attention_mask":
             feeds[value.name] = attention_mask.astype(np.int64)
         elif value.name == "position_ids":
-            feeds[value.name] = positions.astype(np.int64)
+            feeds[value.name] = positions
         elif value.name == "input_ids":
             feeds[value.name] = np.ones((batch, sequence), np.int64)
         else:  # a cache input, read for its length: [batch, heads, past, dim]
@@ -103,23 +106,20 @@ def _matches(got: np.ndarray, attention_mask: np.ndarray, sequence: int, past: i
     return bool(np.all(scores[allowed[real]] == 0) and np.all(scores[~allowed[real]] <= -1e4))
 
 
-def _sequence_lengths(graph: ir.Graph, positions: ir.Value) -> tuple[ir.Value, ir.Value]:
+def _sequence_lengths(model: ir.Model, positions: ir.Value) -> tuple[ir.Value, ir.Value]:
     """GroupQueryAttention's `seqlens_k` (each row's last position, int32) and `total_sequence_length`, from
     `position_ids` as onnxscript's own GroupQueryAttention rule derives them: the cache layout is SLOT."""
-    def constant(name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                         const_value=ir.tensor(array, name=name))
-        graph.register_initializer(value)
-        return value
-
-    last = ir.node("ReduceMax", [positions, constant("gqa_axis_1", np.array([1], np.int64))], {"keepdims": 0})
+    axis_1 = add_initializer(model, "gqa_axis_1", np.array([1], np.int64))
+    axis_0 = add_initializer(model, "gqa_axis_0", np.array([0], np.int64))
+    one = add_initializer(model, "gqa_one", np.array(1, np.int32))
+    last = ir.node("ReduceMax", [positions, axis_1], {"keepdims": 0})
     seqlens = ir.node("Cast", [last.outputs[0]], {"to": ir.DataType.INT32})
-    longest = ir.node("ReduceMax", [seqlens.outputs[0], constant("gqa_axis_0", np.array([0], np.int64))], {"keepdims": 0})
-    total = ir.node("Add", [longest.outputs[0], constant("gqa_one", np.array(1, np.int32))])
+    longest = ir.node("ReduceMax", [seqlens.outputs[0], axis_0], {"keepdims": 0})
+    total = ir.node("Add", [longest.outputs[0], one])
     for node, name in ((last, "gqa_last_position"), (seqlens, "gqa_seqlens_k"), (longest, "gqa_longest"),
                        (total, "gqa_total_sequence_length")):
         node.name = node.outputs[0].name = name
-    graph.insert_before(next(iter(graph)), [last, seqlens, longest, total])
+    model.graph.insert_before(next(iter(model.graph)), [last, seqlens, longest, total])
     return seqlens.outputs[0], total.outputs[0]
 
 

@@ -88,8 +88,7 @@ class DecoderLMPredictor(Predictor):
         shared = getattr(self.model, "shared_cache", None)
         if self.cache_layout != SLOT or shared is None or self.model.shape_buckets:
             return None
-        given = {} if buffers is None else {"buffers": buffers, "mask": mask}
-        return shared(batch, capacity, self.keeps_logits, **given)
+        return shared(batch, capacity, self.keeps_logits, buffers=buffers, mask=mask)
 
     def close(self) -> None:
         for graph in self.graphs.values():

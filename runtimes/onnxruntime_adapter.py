@@ -115,7 +115,8 @@ class OnnxRuntimePredictor(Predictor):
     def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self.session.run(self._output_names, dict(feeds))))
 
-    def shared_cache(self, batch: int, capacity: int, keeps_logits: bool = False, **given):
+    def shared_cache(self, batch: int, capacity: int, keeps_logits: bool = False,
+                     buffers: dict[str, np.ndarray] | None = None, mask: np.ndarray | None = None):
         """Decode steps with past and present bound to one buffer (runtimes/shared_cache.py), for graphs whose
         attention writes in place; the caller knows that (cache layout SLOT). Host buffers: CPU sessions only,
         None on the others, which then carry their caches."""
@@ -123,7 +124,7 @@ class OnnxRuntimePredictor(Predictor):
             return None
         from runtimes.shared_cache import SharedCache
 
-        return SharedCache(self.session, self.signature, batch, capacity, keeps_logits, **given)
+        return SharedCache(self.session, self.signature, batch, capacity, keeps_logits, buffers, mask)
 
 
 def session_provider_options(manifest: dict, providers: Sequence[str], device: str) -> dict[str, dict[str, str]]:
