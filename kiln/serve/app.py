@@ -44,6 +44,26 @@ class ServeOptions:
     chat_template: Path | None = None  # a Jinja template file replacing the tokenizer's own
 
 
+class CountRequests:
+    """Counts `/v1/` responses by status. A plain ASGI middleware: FastAPI's `@app.middleware("http")` passes
+    every streamed chunk through a task and a memory stream of its own, per token here."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def _error(status: int, message: str, kind: str, field: str | None = None, headers=None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": field, "code": status}},
                         status_code=status, headers=headers)
@@ -240,12 +260,7 @@ def build_app(engine_dir, options: ServeOptions = ServeOptions(), **load_options
     async def queue_full(request, error: QueueFull):
         return _error(429, f"too many requests: {error}", "rate_limit_error", headers={"Retry-After": "1"})
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            service.metrics.requests.labels(status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=service.metrics)
 
     def require_key(request: Request) -> None:
         if not options.api_keys:

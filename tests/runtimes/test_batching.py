@@ -58,7 +58,7 @@ def test_a_slot_engine_decodes_in_place_and_grows_its_cache(engine_dir):
         capacities = set()
         while len(batch):
             capacities.add(batch.steps.capacity)
-            assert batch.cache["present.0.key"].shape[2] == batch.steps.capacity >= batch.mask.shape[1]
+            assert batch.in_place.shape[1] == batch.steps.capacity >= batch.mask.shape[1]
             batch.step()
         assert [s.tokens for s in sequences] == alone
         assert len(capacities) >= 2  # 6 + 16 columns at first, rebuilt wider when full
