@@ -1,8 +1,8 @@
 """Load on `kiln serve`: throughput and latency at 1, 4, 16, 64 concurrent streaming clients, continuous
 batching against one-request-at-a-time serving (`--max-batch 1`), side by side in one run.
 
-    .venv/bin/python benchmarks/serve_load.py build/gpt2-cpu-int8 [--clients 1,4,16,64] [--requests 64]
-        [--seconds 120] [--max-tokens 32] [--out benchmarks/results/serve-load]
+    .venv/bin/python benchmarks/serve_load.py build/gpt2-cpu-int8 [--clients 1,4,16,64] [--requests 256]
+        [--seconds 180] [--max-tokens 32] [--out benchmarks/results/serve-load]
 
 Each mode starts its own `kiln serve` on a free loopback port; the modes alternate per concurrency level, so
 both see the machine in the same state. Every client sends greedy streaming completions of random prompts
@@ -141,8 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("engine", type=Path)
     parser.add_argument("--clients", default="1,4,16,64")
-    parser.add_argument("--requests", type=int, default=64, help="Requests per level and mode (a bound).")
-    parser.add_argument("--seconds", type=float, default=120, help="Time bound per level and mode.")
+    # 256: 16 requests per client at 16 clients, so the level's ramp-up and drain weigh little in its throughput.
+    parser.add_argument("--requests", type=int, default=256, help="Requests per level and mode (a bound).")
+    parser.add_argument("--seconds", type=float, default=180, help="Time bound per level and mode.")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--url", help="Measure this running server (loopback) instead of starting one per mode.")

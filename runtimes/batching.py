@@ -143,7 +143,7 @@ class ContinuousBatch:
         if self.steps is not None:
             if self.in_place.reserve(len(self.rows), self.mask.shape[1] + 1, self.mask):  # it was full
                 self._bind()
-            logits = self.steps.step(self.pending)  # the caches are written in place
+            logits = self.steps.step(self.pending, keep=False)  # the caches are written in place; read below
             self.mask = self.steps.mask
         else:
             feeds = next_feeds(self.signature, {"attention_mask": self.mask}, self.cache, self.pending, layout=self.layout)

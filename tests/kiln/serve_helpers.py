@@ -52,9 +52,9 @@ class SlowSteps:
     def __getattr__(self, name):
         return getattr(self.steps, name)
 
-    def step(self, new_ids):
+    def step(self, new_ids, keep: bool = True):
         time.sleep(self.delay)
-        return self.steps.step(new_ids)
+        return self.steps.step(new_ids, keep)
 
 
 def slow_down(app, delay: float) -> None:

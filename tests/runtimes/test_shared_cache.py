@@ -47,6 +47,12 @@ def test_steps_of_several_tokens_and_then_one(engine_dir):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
         assert not np.shares_memory(runs[0][1], runs[0][2])  # each step's logits are the caller's to keep
+        shared = engine.decode_steps(1, ids.shape[1] + 2)
+        shared.prefill(ids, mask)
+        first = shared.step(np.array([[40]]), keep=False)
+        kept = first.copy()
+        shared.step(np.array([[41]]), keep=False)  # keep=False: the bound buffer, which this step overwrites
+        assert not np.array_equal(first, kept)
 
 
 def test_a_slot_engine_refuses_left_padded_rows(engine_dir):
