@@ -83,9 +83,9 @@ class Part:
 class ContinuousBatch:
     """The running batch of one engine: `step(joining)` decodes every live row once and prefills newcomers.
 
-    Rows leave and join in one rebuild of the arrays per step at most: finished rows and the padding columns
-    no remaining row needs are dropped, and newcomers are appended, the shorter side left-padded.
-    Not thread-safe: one scheduler thread drives it.
+    Rows leave and join once per step at most: in place where the engine decodes so (`InPlaceCaches`), else by
+    restacking the carried caches, finished rows and the padding columns no remaining row needs dropped and
+    newcomers appended, the shorter side padded. Not thread-safe: one scheduler thread drives it.
     """
 
     def __init__(self, predictor):
@@ -238,7 +238,8 @@ class InPlaceCaches:
         if total:
             self.reserve(total, width + 1, mask)
         grown = np.zeros((total, width), np.int64)
-        grown[:live, :mask.shape[1]] = mask[:, :width]
+        kept = min(width, mask.shape[1])
+        grown[:live, :kept] = mask[:, :kept]
         at = live
         for part in newcomers:
             count, length = part.mask.shape
