@@ -62,3 +62,30 @@ def test_a_slot_engine_decodes_in_place_and_grows_its_cache(engine_dir):
             batch.step()
         assert [s.tokens for s in sequences] == alone
         assert len(capacities) >= 2  # 6 + 16 columns at first, rebuilt wider when full
+
+
+class _NoHostBuffers:
+    """The engine on an adapter that binds no host buffers, as a GPU session's: `shared_steps` gives None."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def shared_steps(self, *args, **kwargs):
+        return None
+
+
+def test_a_slot_engine_without_host_buffers_carries_its_caches(engine_dir):
+    with runtimes.load(engine_dir("tiny-llama"), threads=1) as engine:
+        prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]
+        alone = [engine.generate([p], 6 + i)[0].tolist() for i, p in enumerate(prompts)]
+        batch = ContinuousBatch(_NoHostBuffers(engine))
+        sequences = [Sequence(p, 6 + i) for i, p in enumerate(prompts)]
+        batch.step(sequences[:2])
+        batch.step(sequences[2:])
+        while len(batch):
+            batch.step()
+        assert batch.in_place is None and batch.steps is None  # it fell back to carrying, right-padded
+        assert [s.tokens for s in sequences] == alone
