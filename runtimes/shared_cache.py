@@ -19,8 +19,8 @@ class SharedCache:
     """`prefill(ids, mask)` then `step(new_ids)` of a SLOT engine's session, its caches `capacity` columns wide.
 
     `buffers` (past name -> `[batch, kv_heads, capacity, dim]`, C-contiguous) are the caller's caches to decode
-    over in place, their first `mask.shape[1]` columns filled (continuous batching rebuilds them as rows come
-    and go); without them the caches start empty and `prefill` fills them."""
+    over in place, each row's written columns those its `mask` row counts (continuous batching binds the live rows
+    of its buffers again as rows come and go); without them the caches start empty and `prefill` fills them."""
 
     def __init__(self, session: ort.InferenceSession, signature, batch: int, capacity: int, keeps_logits: bool = False,
                  buffers: dict[str, np.ndarray] | None = None, mask: np.ndarray | None = None):
