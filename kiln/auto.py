@@ -1,12 +1,13 @@
-"""`kiln convert --auto`: build every precision the budget allows, verify each, measure those that pass
-on the user's shape, and keep the fastest. Every candidate's figures, or why it was rejected, go into
-the chosen engine's report and manifest.
+"""`kiln convert --auto`: build every precision the budget allows (some of them two ways: `VARIANTS`), verify
+each, measure those that pass on the user's shape, and keep the fastest. Every candidate's figures, or why it
+was rejected, go into the chosen engine's report and manifest.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import KilnError, VerificationFailed
@@ -17,6 +18,26 @@ from kiln.targets import target_named
 # From least to most lossy: a budget admits itself and everything before it.
 LOSSINESS = ("fp32", "bf16", "fp16", "int8-static", "int8", "int4")
 _MANIFEST_OWN = ("schema_version", "torchkiln_version", "created", "files", "manifest_sha256")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Another build of `precision` beside its recipe's: one pass swapped for another, or pass options set."""
+
+    name: str
+    precision: str
+    swap: tuple[str, str] | None = None  # (the recipe's pass, the pass in its place)
+    options: dict | None = None  # {pass: {option: value}}
+
+
+# Which build of a precision is fastest depends on the CPU and the request. On a 2-core AMD EPYC, SmolLM-135M's
+# int8 as weight-only 8-bit MatMulNBits decoded 1.20x the dynamic MatMulInteger at batch 1 but 0.79x at batch 8,
+# and int4 in blocks of 128 decoded 1.28x / 1.24x blocks of 32 (README, "Against onnxruntime-genai").
+# Verification gates each as it gates the recipe's own build.
+VARIANTS = (
+    Variant("int8-weight-only", "int8", swap=("int8_dynamic", "int8_weight_only")),
+    Variant("int4-block-128", "int4", options={"int4": {"block_size": 128}}),
+)
 
 
 def parse_shape(text: str) -> dict[str, int]:
@@ -36,12 +57,39 @@ def candidate_precisions(target: str, budget: str) -> list[str]:
     return [p for p in LOSSINESS[: LOSSINESS.index(budget) + 1] if p in offered]
 
 
+def candidates(target: str, budget: str, options: dict) -> list[tuple[str, str, dict]]:
+    """(name, precision, convert options) of every build to try: each precision the budget allows, then its
+    variants, except where they would change what the user chose (`options`: passes, pass options) or where the
+    target's recipe has no pass to swap."""
+    from kiln.targets import TARGETS
+    from optimizers import parse_pass_options
+    from optimizers.recipe import recipe_for
+
+    chosen = options.get("pass_options") or {}
+    chosen = parse_pass_options(list(chosen)) if isinstance(chosen, (list, tuple)) else chosen
+    found = []
+    for precision in candidate_precisions(target, budget):
+        found.append((precision, precision, dict(options)))
+        for variant in (v for v in VARIANTS if v.precision == precision):
+            if variant.swap and not options.get("passes"):
+                old, new = variant.swap
+                recipe = recipe_for(TARGETS[target].recipe, precision)
+                if old in recipe:
+                    found.append((variant.name, precision, {**options, "passes": [new if p == old else p for p in recipe]}))
+            elif variant.options and not any(key in chosen.get(name, {})
+                                             for name, settings in variant.options.items() for key in settings):
+                merged = {name: {**chosen.get(name, {}), **variant.options.get(name, {})}
+                          for name in {*chosen, *variant.options}}
+                found.append((variant.name, precision, {**options, "pass_options": merged}))
+    return found
+
+
 def convert_auto(spec: str, target: str = "cpu", output=None, *, budget: str = "int4", shape: str = "batch=1,prompt=128,new=64",
                  force: bool = False, threads: int = 2, rounds: int = 3, on_step=None, **options) -> ConvertResult:
     from kiln.bench import BenchConfig, engine_candidate, run_bench
 
     wanted = parse_shape(shape)
-    precisions = candidate_precisions(target, budget)
+    builds = candidates(target, budget, options)
     output = Path(output) if output is not None else default_output(spec, target, "auto")
     refuse_existing(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -49,35 +97,38 @@ def convert_auto(spec: str, target: str = "cpu", output=None, *, budget: str = "
     scratch = output.parent / f".{output.name}.kiln-tmp-auto-{os.getpid()}"
     try:
         scratch.mkdir()
-        built, rejected = {}, []
-        for precision in precisions:
+        built, precision_of, rejected = {}, {}, []
+        for name, precision, build_options in builds:
+            precision_of[name] = precision
             try:
-                built[precision] = convert(spec, target, precision, scratch / precision, on_step=on_step, **options)
+                built[name] = convert(spec, target, precision, scratch / name, on_step=on_step, **build_options)
             except VerificationFailed as failure:
-                rejected.append({"precision": precision, "rejected": str(failure), "verification": failure.report})
+                rejected.append({"candidate": name, "precision": precision, "rejected": str(failure),
+                                 "verification": failure.report})
         if not built:
-            raise VerificationFailed(f"--auto: no candidate of {', '.join(precisions)} passed verification", {"candidates": rejected})
+            raise VerificationFailed(f"--auto: no candidate of {', '.join(name for name, _, _ in builds)} passed "
+                                     "verification", {"candidates": rejected})
         config = BenchConfig(prompt_lengths=(wanted["prompt"],), batches=(wanted["batch"],), new_tokens=wanted["new"],
                              decode_prompt=wanted["prompt"], rounds=rounds, threads=threads)
         bench = run_bench([engine_candidate(r.engine_dir, threads, label=p, trust_native_code=True)  # built just now
                            for p, r in built.items()], config)
         measured = []
-        for precision, figures in zip(built, bench["engines"]):
+        for name, figures in zip(built, bench["engines"]):
             rate = figures["decode_tok_s"][str(wanted["batch"])]["median"]
             first = figures["first_token_ms"]["median"]
             # The user's request: a prefill, then `new` tokens for each of `batch` rows.
             seconds = first / 1e3 + wanted["batch"] * (wanted["new"] - 1) / rate
-            logits = built[precision].manifest["verification"]["logits"]
-            measured.append({"precision": precision, "request_seconds": seconds, "decode_tok_s": rate, "first_token_ms": first,
-                             "size_bytes": figures["size_bytes"], "top1_agreement": logits["top1_agreement"],
-                             "kl_mean": logits["kl_mean"]})
+            logits = built[name].manifest["verification"]["logits"]
+            measured.append({"candidate": name, "precision": precision_of[name], "request_seconds": seconds,
+                             "decode_tok_s": rate, "first_token_ms": first, "size_bytes": figures["size_bytes"],
+                             "top1_agreement": logits["top1_agreement"], "kl_mean": logits["kl_mean"]})
         chosen = min(measured, key=lambda m: m["request_seconds"])
         for entry in measured:
             if entry is not chosen:
                 entry["rejected"] = f"slower on {shape}: {entry['request_seconds']:.3f} s vs {chosen['request_seconds']:.3f} s"
-        summary = {"shape": wanted, "budget": budget, "chosen": chosen["precision"], "candidates": measured + rejected,
+        summary = {"shape": wanted, "budget": budget, "chosen": chosen["candidate"], "candidates": measured + rejected,
                    "bench": {k: bench[k] for k in ("date", "machine", "config", "read_bandwidth_gb_s")}}
-        engine_dir = built[chosen["precision"]].engine_dir
+        engine_dir = built[chosen["candidate"]].engine_dir
         manifest = _record(engine_dir, summary)
         move_into_place(engine_dir, output)
     finally:

@@ -97,7 +97,8 @@ def _device_option(command):
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="int8-static: calibrate on this text file (tokenized with the model's tokenizer) or .npz of token ids.")
 @click.option("--profile", help="TensorRT shape ranges, e.g. batch=1:1:8,sequence=1:1:512,past=0:512:1536.")
-@click.option("--auto", is_flag=True, help="Build every precision up to --budget, keep the fastest that passes verification.")
+@click.option("--auto", is_flag=True, help="Build every precision up to --budget (int8 also as weight-only blocks, int4 also "
+              "in blocks of 128), keep the fastest that passes verification.")
 @click.option("--budget", default="int4", show_default=True, help="With --auto: the most lossy precision allowed.")
 @click.option("--shape", default="batch=1,prompt=128,new=64", show_default=True, help="With --auto: the request to be fast on.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
@@ -139,11 +140,11 @@ def convert(ctx, spec, target, precision, output, force, skip_verify, trust_remo
                    "it converted and verified as shown below", err=True)
     for candidate in manifest.get("auto", {}).get("candidates", []):
         if "request_seconds" in candidate:
-            click.echo(f"candidate {candidate['precision']:<12} {candidate['request_seconds']:.3f} s per request, "
+            click.echo(f"candidate {candidate['candidate']:<16} {candidate['request_seconds']:.3f} s per request, "
                        f"{candidate['decode_tok_s']:.1f} tok/s, top-1 {candidate['top1_agreement']:.2%}"
                        + (f"  ({candidate['rejected']})" if "rejected" in candidate else "  <- chosen"))
         else:
-            click.echo(f"candidate {candidate['precision']:<12} rejected: {candidate['rejected']}")
+            click.echo(f"candidate {candidate['candidate']:<16} rejected: {candidate['rejected']}")
     verification = manifest["verification"]
     if verification.get("skipped"):
         click.echo("verification: skipped (--no-verify)")

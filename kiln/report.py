@@ -48,8 +48,10 @@ def markdown_report(engine_dir: Path, manifest: dict, ops: dict[str, int], bench
         lines += [f"| {name} | {e['max_abs']:.3g} | {e['relative']:.3g} |" for name, e in verification["outputs"].items()]
     for candidate in (manifest.get("auto") or {}).get("candidates", []):
         if candidate is manifest["auto"]["candidates"][0]:
-            lines += ["", "## --auto candidates", "", "| precision | request s | decode tok/s | top-1 | verdict |", "| --- | --- | --- | --- | --- |"]
-        lines.append(f"| {candidate['precision']} | {candidate.get('request_seconds', float('nan')):.3f} | "
+            lines += ["", "## --auto candidates", "", "| candidate | precision | request s | decode tok/s | top-1 | verdict |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+        lines.append(f"| {candidate.get('candidate', candidate['precision'])} | {candidate['precision']} | "
+                     f"{candidate.get('request_seconds', float('nan')):.3f} | "
                      f"{candidate.get('decode_tok_s', float('nan')):.1f} | {candidate.get('top1_agreement', float('nan')):.2%} | "
                      f"{candidate.get('rejected', 'chosen')} |")
     if bench_lines:

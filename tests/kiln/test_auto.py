@@ -15,12 +15,17 @@ def test_auto_keeps_the_fastest_candidate_that_passed(tmp_path):
     assert result.exit_code == 0, result.output
     auto = json.loads(result.stdout)["auto"]
     measured = [c for c in auto["candidates"] if "request_seconds" in c]
-    assert {c["precision"] for c in auto["candidates"]} == {"fp32", "int8-static", "int8"}
+    # int8 two ways: the recipe's dynamic MatMulInteger and weight-only MatMulNBits blocks.
+    assert [(c["candidate"], c["precision"]) for c in auto["candidates"]] == [
+        ("fp32", "fp32"), ("int8-static", "int8-static"), ("int8", "int8"), ("int8-weight-only", "int8")]
     fastest = min(measured, key=lambda c: c["request_seconds"])
-    assert auto["chosen"] == fastest["precision"] and "rejected" not in fastest
+    assert auto["chosen"] == fastest["candidate"] and "rejected" not in fastest
     assert all("rejected" in c for c in auto["candidates"] if c is not fastest)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["precision"] == auto["chosen"] and manifest["auto"] == auto
+    assert manifest["precision"] == fastest["precision"] and manifest["auto"] == auto
+    quantized = [p for p in manifest["passes"] if p["name"] in ("int8_dynamic", "int8_weight_only")]
+    assert [p["name"] for p in quantized] == (["int8_weight_only"] if auto["chosen"] == "int8-weight-only" else
+                                               ["int8_dynamic"] if auto["chosen"] == "int8" else [])
     assert json.loads((out / "report.json").read_text())["auto"] == auto
     kiln.load(out).close()  # the re-written files still match their hashes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
@@ -32,3 +37,15 @@ def test_auto_rejects_a_bad_shape(tmp_path, shape):
 
     with pytest.raises(KilnError, match="--shape: expected batch=N,prompt=N,new=N"):
         convert_auto("tiny-gpt2", output=tmp_path / "e", shape=shape)
+
+
+def test_auto_tries_a_variant_only_where_the_user_left_its_choice_open():
+    from kiln.auto import candidates
+
+    names = lambda options: [name for name, _, _ in candidates("cpu", "int4", options)]
+    assert names({}) == ["fp32", "int8-static", "int8", "int8-weight-only", "int4", "int4-block-128"]
+    assert "int4-block-128" not in names({"pass_options": ["int4.block_size=64"]})  # the user's block size stands
+    _, _, options = next(c for c in candidates("cpu", "int4", {"pass_options": ["int4.accuracy_level=1"]})
+                         if c[0] == "int4-block-128")
+    assert options["pass_options"] == {"int4": {"accuracy_level": 1, "block_size": 128}}
+    assert "int8-weight-only" not in names({"passes": ["cleanup", "int8_dynamic"]})  # the user's passes stand
