@@ -59,8 +59,8 @@ def candidate_precisions(target: str, budget: str) -> list[str]:
 
 def candidates(target: str, budget: str, options: dict) -> list[tuple[str, str, dict]]:
     """(name, precision, convert options) of every build to try: each precision the budget allows, then its
-    variants, except where they would change what the user chose (`options`: passes, pass options) or where the
-    target's recipe has no pass to swap."""
+    variants, except where they would change what the user chose (`options`: passes, pass options, options of
+    the pass a variant swaps out) or where the target's recipe has no pass to swap."""
     from kiln.targets import TARGETS
     from optimizers import parse_pass_options
     from optimizers.recipe import recipe_for
@@ -71,7 +71,7 @@ def candidates(target: str, budget: str, options: dict) -> list[tuple[str, str, 
     for precision in candidate_precisions(target, budget):
         found.append((precision, precision, dict(options)))
         for variant in (v for v in VARIANTS if v.precision == precision):
-            if variant.swap and not options.get("passes"):
+            if variant.swap and not options.get("passes") and variant.swap[0] not in chosen:
                 old, new = variant.swap
                 recipe = recipe_for(TARGETS[target].recipe, precision)
                 if old in recipe:

@@ -49,3 +49,4 @@ def test_auto_tries_a_variant_only_where_the_user_left_its_choice_open():
                          if c[0] == "int4-block-128")
     assert options["pass_options"] == {"int4": {"accuracy_level": 1, "block_size": 128}}
     assert "int8-weight-only" not in names({"passes": ["cleanup", "int8_dynamic"]})  # the user's passes stand
+    assert "int8-weight-only" not in names({"pass_options": ["int8_dynamic.per_channel=true"]})
