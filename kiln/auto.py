@@ -97,9 +97,9 @@ def convert_auto(spec: str, target: str = "cpu", output=None, *, budget: str = "
     scratch = output.parent / f".{output.name}.kiln-tmp-auto-{os.getpid()}"
     try:
         scratch.mkdir()
-        built, precision_of, rejected = {}, {}, []
+        built, rejected = {}, []
+        precision_of = {name: precision for name, precision, _ in builds}
         for name, precision, build_options in builds:
-            precision_of[name] = precision
             try:
                 built[name] = convert(spec, target, precision, scratch / name, on_step=on_step, **build_options)
             except VerificationFailed as failure:

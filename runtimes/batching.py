@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtimes.decoder_lm import (APPEND, LOGITS_TO_KEEP, PAST_PREFIX, PRESENT_PREFIX, SLOT, next_feeds, past_inputs,
-                                 prefill_feeds, vocab_size)
+from runtimes.decoder_lm import (APPEND, LOGITS_TO_KEEP, PAST_PREFIX, PRESENT_PREFIX, SLOT, carried_cache, next_feeds,
+                                 past_inputs, prefill_feeds, vocab_size)
 from runtimes.generate import choose_next
 
 # Columns an in-place cache holds beyond the widest row when it grows: at least HEADROOM, else as many as the
@@ -211,6 +211,7 @@ class InPlaceCaches:
     part copied once, only when rows or columns run out; the rest of them is never written until used."""
 
     def __init__(self, signature):
+        self.signature = signature
         self.specs = past_inputs(signature)
         self.buffers: dict[str, np.ndarray] = {}  # past name -> [rows, kv_heads, capacity, dim]
 
@@ -243,8 +244,8 @@ class InPlaceCaches:
         at = live
         for part in newcomers:
             count, length = part.mask.shape
-            for name, present in part.cache.items():
-                self.buffers[PAST_PREFIX + name[len(PRESENT_PREFIX):]][at: at + count, :, :length] = present
+            for name, present in carried_cache(self.signature, part.cache).items():
+                self.buffers[name][at: at + count, :, :length] = present
             grown[at: at + count, :length] = part.mask
             at += count
         rows += [row for part in newcomers for row in part.rows]
