@@ -194,8 +194,10 @@ def test_sigterm_drains_in_flight_requests(engine, alone, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for(lambda: _healthy(url), timeout=60)
-        prompts = _prompts(10, seed=2)
-        with ThreadPoolExecutor(10) as pool:
+        # 24 requests of 100 tokens, one at a time: the queue outlasts their arrival even on a loaded machine (with
+        # 10, a full test run once saw all of them answered before the last one was counted in).
+        prompts = _prompts(24, seed=2)
+        with ThreadPoolExecutor(len(prompts)) as pool:
             replies = [pool.submit(_complete, url, prompt=p, max_tokens=100) for p in prompts]
             # Every request must be in the server before the signal: once draining, it accepts no new connection.
             _wait_for(lambda: _arrived(url) == len(prompts))
