@@ -8,7 +8,8 @@
 VAE) from configs alone, seeded; its tokenizer is the small hand-built CLIP tokenizer of the tiny preset (the
 text encoder keeps SD's 49408-token vocabulary). The benchmark runs one UNet step at 512 px with guidance
 (batch 2, latents [2, 4, 64, 64], text [2, 77, 768]) in eager PyTorch and in each engine's UNet graph, the
-variants interleaved round by round after a warm-up; medians. Full-pipeline verification at this size takes
+variants interleaved round by round after a warm-up; medians. Each engine's output is compared with eager's
+(max difference over eager's output range: fp32's verification allows 1e-4). Full-pipeline verification at this size takes
 tens of minutes on two cores, hence `--no-verify` here (recorded in the manifest); tiny-sd verifies in CI.
 """
 from __future__ import annotations
@@ -66,25 +67,32 @@ def main() -> None:
              "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}
     unet = pipeline().unet.eval()
     variants = {"pytorch eager": lambda: unet(torch.from_numpy(feeds["sample"]), torch.tensor(500.0),
-                                              torch.from_numpy(feeds["encoder_hidden_states"]))}
+                                              torch.from_numpy(feeds["encoder_hidden_states"])).sample.numpy()}
     for engine in args.engines:  # each engine's UNet through its own adapter (ONNX Runtime, AOTInductor)
         backend = backend_named(read_manifest(engine)["backend"])
         predictor = runtimes.load(engine, trust_native_code=True, **backend.bench_options(args.threads))
         unet_graph = predictor.components["unet"]
-        variants[engine.name] = lambda graph=unet_graph: graph.forward(feeds)
+        variants[engine.name] = lambda graph=unet_graph: graph.forward(feeds)["out_sample"]
     times = {name: [] for name in variants}
+    outputs = {}
     with torch.inference_mode():
         for round_ in range(args.rounds + 1):
             for name, run in variants.items():
                 start = time.perf_counter()
-                run()
+                output = run()
                 if round_:  # round 0 warms up
                     times[name].append(time.perf_counter() - start)
+                else:
+                    outputs[name] = output
                 print(f"round {round_} {name}: {time.perf_counter() - start:.1f} s", flush=True)
     eager = statistics.median(times["pytorch eager"])
-    print("\n| variant | s per UNet step (512 px, batch 2) | x eager |\n| --- | ---: | ---: |")
+    reference = outputs.pop("pytorch eager")  # each engine's max difference from it, over its range:
+    errors = {name: np.abs(output - reference).max() / np.ptp(reference) for name, output in outputs.items()}
+    print("\n| variant | s per UNet step (512 px, batch 2) | x eager | max error / output range |\n"
+          "| --- | ---: | ---: | ---: |")
     for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / eager:.2f} |")
+        error = f"{errors[name]:.1e}" if name in errors else "(reference)"
+        print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / eager:.2f} | {error} |")
 
 
 if __name__ == "__main__":
