@@ -23,27 +23,28 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 
 MODES = {"continuous batching": [], "one at a time": ["--max-batch", "1"]}
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> dict:
+async def one_request(client: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> dict:
     start = time.perf_counter()
     stamps, tokens = [], 0
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                return {"error": f"HTTP {response.status_code}"}
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
+        async with client.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                return {"error": f"HTTP {response.status}"}
+            async for line in response.content:  # line by line: one server-sent event each
+                if line.startswith(b"data: {"):
                     count = len(json.loads(line[6:])["choices"][0]["token_ids"])
                     if count:
                         stamps.append(time.perf_counter())
                         tokens += count
-    except httpx.HTTPError as error:
+    except aiohttp.ClientError as error:
         return {"error": type(error).__name__}
     if not stamps:
         return {"error": "no tokens"}
@@ -62,7 +63,10 @@ async def level(url: str, clients: int, requests: int, seconds: float, max_token
             results.append(await one_request(client, url, queue.pop(), max_tokens))
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+    # aiohttp, whose C parser spent 0.7 s of CPU on 8192 streamed tokens where httpx spent 1.65 s: on two cores,
+    # what the load generator spends is taken from the server it measures.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
     wall = time.perf_counter() - start
     ok = [r for r in results if "error" not in r]
