@@ -9,8 +9,9 @@ VAE) from configs alone, seeded; its tokenizer is the small hand-built CLIP toke
 text encoder keeps SD's 49408-token vocabulary). The benchmark runs one UNet step at 512 px with guidance
 (batch 2, latents [2, 4, 64, 64], text [2, 77, 768]) in eager PyTorch and in each engine's UNet graph, the
 variants interleaved round by round after a warm-up; medians. Each engine's output is compared with eager's
-(max difference over eager's output range: fp32's verification allows 1e-4). Full-pipeline verification at this size takes
-tens of minutes on two cores, hence `--no-verify` here (recorded in the manifest); tiny-sd verifies in CI.
+(max difference over eager's output range: fp32's verification allows 1e-4). Full-pipeline verification at
+this size takes tens of minutes on two cores, hence `--no-verify` here (recorded in the manifest); tiny-sd
+verifies in CI.
 """
 from __future__ import annotations
 

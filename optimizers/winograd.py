@@ -90,27 +90,28 @@ def _rewrite(model: ir.Model, conv: ir.Node, weight: ir.TensorProtocol, m: int, 
         nodes.append(made)
         return made.outputs[0]
 
-    def const(name, array, scope=prefix) -> ir.Value:
+    def const(name, array, scope=f"winograd_f{m}") -> ir.Value:  # shared by every convolution of this tile size
         full = f"{scope}_{name}"
         known = model.graph.initializers.get(full)
         return known if known is not None else add_initializer(model, full, np.asarray(array))
 
-    def shared(name, array) -> ir.Value:  # the same transform matrix for every convolution of this tile size
-        return const(name, np.asarray(array, np.float32), scope=f"winograd_f{m}")
+    def own(name, array) -> ir.Value:  # this convolution's: its channel counts, its bias
+        return const(name, array, scope=prefix)
+
+    def pair(value) -> np.ndarray:  # the same for H and W
+        return np.array([value, value])
 
     x = conv.inputs[0]
     shape = op("Shape", [x])
     batch = op("Slice", [shape, const("at0", np.array([0])), const("at1", np.array([1]))])
     size = op("Slice", [shape, const("at2", np.array([2])), const("at4", np.array([4]))])  # H, W
-    tiles = op("Div", [op("Add", [size, const("round_up", np.array([m - 1] * 2))]), const("m", np.array([m] * 2))])
+    tiles = op("Div", [op("Add", [size, const("m_1", pair(m - 1))]), const("m", pair(m))])  # rounded up
     # Padding 1 before; after it, up to whole tiles plus the m - 1 more that the last tile's phases need.
-    after = op("Add", [op("Sub", [op("Mul", [tiles, const("m2", np.array([m] * 2))]), size]),
-                       const("m_1", np.array([m - 1] * 2))])
-    pads = op("Concat", [const("pads_before", np.array([0, 0, 1, 1])), const("pads_batch", np.array([0, 0])), after],
-              axis=0)
+    after = op("Add", [op("Sub", [op("Mul", [tiles, const("m", pair(m))]), size]), const("m_1", pair(m - 1))])
+    pads = op("Concat", [const("pads_before", np.array([0, 0, 1, 1])), const("pads_batch", pair(0)), after], axis=0)
     phases = op("SpaceToDepth", [op("Pad", [x, pads])], blocksize=m)  # channel = (by * m + bx) * C + c
-    grid = op("Add", [tiles, const("one", np.array([1, 1]))])
-    phases = op("Reshape", [phases, op("Concat", [batch, const("phase_dims", np.array([m, m, cin])), grid], axis=0)])
+    grid = op("Add", [tiles, const("one", pair(1))])
+    phases = op("Reshape", [phases, op("Concat", [batch, own("phase_dims", np.array([m, m, cin])), grid], axis=0)])
     # Tile element (i, j) = phase (i % m, j % m) at tile offset (i // m, j // m): per offset, the phases it needs.
     parts, order = [], []
     for oy in (0, 1):
@@ -120,24 +121,24 @@ def _rewrite(model: ir.Model, conv: ir.Node, weight: ir.TensorProtocol, m: int, 
                                  op("Add", [tiles, const(f"offset{oy}{ox}", np.array([oy, ox]))])], axis=0)
             part = op("Slice", [phases, const(f"starts{oy}{ox}", np.array([0, 0, oy, ox])), ends,
                                 const("slice_axes", np.array([1, 2, 4, 5]))])
-            parts.append(op("Reshape", [part, op("Concat", [batch, const(f"flat{oy}{ox}", np.array([rows * cols, cin])),
+            parts.append(op("Reshape", [part, op("Concat", [batch, own(f"flat{oy}{ox}", np.array([rows * cols, cin])),
                                                             tiles], axis=0)]))
             order += [(m * oy + by, m * ox + bx) for by in range(rows) for bx in range(cols)]
     elements = op("Concat", parts, axis=1)  # [N, P, C, tiles_h, tiles_w], elements in `order`
-    by_element = np.kron(b_t, b_t)[:, [i * side + j for i, j in order]]
+    by_element = np.kron(b_t, b_t)[:, [i * side + j for i, j in order]].astype(np.float32)
     flat = op("Reshape", [elements, op("Concat", [batch, const("products_flat", np.array([products, -1]))], axis=0)])
-    transformed = op("MatMul", [shared("input_transform", by_element), flat])
-    transformed = op("Reshape", [transformed, op("Concat", [batch, const("products_c", np.array([products, cin, -1]))],
+    transformed = op("MatMul", [const("input_transform", by_element), flat])
+    transformed = op("Reshape", [transformed, op("Concat", [batch, own("products_c", np.array([products, cin, -1]))],
                                                   axis=0)])
-    multiplied = op("MatMul", [_transformed_weight(model, f"{prefix}_weight", weight, g), transformed])  # [N, P, Cout, T]
-    multiplied = op("Reshape", [multiplied, op("Concat", [batch, const("products_flat2", np.array([products, -1]))],
+    multiplied = op("MatMul", [_transformed_weight(model, f"{prefix}_weight", weight, g), transformed])  # [N,P,Cout,T]
+    multiplied = op("Reshape", [multiplied, op("Concat", [batch, const("products_flat", np.array([products, -1]))],
                                                 axis=0)])
-    outputs = op("MatMul", [shared("output_transform", np.kron(a_t, a_t)), multiplied])  # [N, m*m, Cout * T]
-    outputs = op("Reshape", [outputs, op("Concat", [batch, const("tile_channels", np.array([m * m * cout])), tiles],
-                                          axis=0)])
+    outputs = op("MatMul", [const("output_transform", np.kron(a_t, a_t).astype(np.float32)), multiplied])
+    outputs = op("Reshape", [outputs, op("Concat", [batch, own("tile_channels", np.array([m * m * cout])), tiles],
+                                          axis=0)])  # [N, m*m*Cout, tiles_h, tiles_w]
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:  # bias per output channel, the same in every tile slot
         bias = np.tile(conv.inputs[2].const_value.numpy().astype(np.float32), m * m).reshape(-1, 1, 1)
-        outputs = op("Add", [outputs, const("bias", bias)])
+        outputs = op("Add", [outputs, own("bias", bias)])
     image = op("DepthToSpace", [outputs], blocksize=m, mode="DCR")
     result = op("Slice", [image, const("crop_starts", np.array([0, 0])), size, const("crop_axes", np.array([2, 3]))])
     model.graph.insert_before(conv, nodes)
