@@ -184,5 +184,14 @@ def add_initializer(model: ir.Model, name: str, array) -> ir.Value:
     return value
 
 
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Make every reader of `old` read `new` instead, with `old`'s shape and type; a graph output keeps its name."""
+    new.shape, new.type = old.shape, old.type
+    if old.is_graph_output():
+        name, old.name = old.name, None
+        new.name = name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+
+
 def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -10,11 +10,12 @@ from optimizers.logits_to_keep import LOGITS_TO_KEEP
 from optimizers.pass_types import options_summary
 from optimizers.plugin_attention import KILN_ATTENTION
 from optimizers.quantize import FP16, INT4, INT8_DYNAMIC, INT8_STATIC, INT8_WEIGHT_ONLY
+from optimizers.split_skip_norm import SPLIT_SKIP_LAYER_NORM
 from optimizers.winograd import WINOGRAD
 
 PASSES = {
     p.name: p for p in (CLEANUP, FOLD_WEIGHT_TRANSPOSES, FUSION, LOGITS_TO_KEEP, KILN_ATTENTION, FP16, INT8_DYNAMIC,
-                        INT8_STATIC, INT8_WEIGHT_ONLY, INT4, WINOGRAD)
+                        INT8_STATIC, INT8_WEIGHT_ONLY, INT4, SPLIT_SKIP_LAYER_NORM, WINOGRAD)
 }
 
 

@@ -17,12 +17,16 @@ from optimizers.passes import PASSES
 
 # (recipe, precision) -> pass names, in order. Recipes are data: print them, or pass your own list.
 RECIPES: dict[tuple[str, str], list[str]] = {
-    # winograd on the CPU only: GPU libraries choose Winograd themselves. Convolutions stay fp32 at every precision
-    # (the quantizing passes take MatMuls whose weight is their second input; winograd's weights are the first).
-    ("cpu", "fp32"): ["cleanup", "fusion", "winograd", "logits_to_keep"],
-    ("cpu", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "winograd", "logits_to_keep", "int8_dynamic"],
-    ("cpu", "int8-static"): ["cleanup", "fold_weight_transposes", "fusion", "winograd", "logits_to_keep", "int8_static"],
-    ("cpu", "int4"): ["cleanup", "fold_weight_transposes", "fusion", "winograd", "logits_to_keep", "int4"],
+    # CPU only: split_skip_layer_norm (ONNX Runtime's CPU SkipLayerNormalization is slower than its two ops) and
+    # winograd (GPU libraries choose Winograd themselves). Convolutions stay fp32 at every precision: the quantizing
+    # passes take MatMuls whose weight is their second input; winograd's weights are the first.
+    ("cpu", "fp32"): ["cleanup", "fusion", "split_skip_layer_norm", "winograd", "logits_to_keep"],
+    ("cpu", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "split_skip_layer_norm", "winograd",
+                      "logits_to_keep", "int8_dynamic"],
+    ("cpu", "int8-static"): ["cleanup", "fold_weight_transposes", "fusion", "split_skip_layer_norm", "winograd",
+                             "logits_to_keep", "int8_static"],
+    ("cpu", "int4"): ["cleanup", "fold_weight_transposes", "fusion", "split_skip_layer_norm", "winograd",
+                      "logits_to_keep", "int4"],
     ("cuda", "fp32"): ["cleanup", "fusion", "logits_to_keep"],
     ("cuda", "fp16"): ["cleanup", "fusion", "logits_to_keep", "fp16"],
     ("cuda", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "logits_to_keep", "int8_dynamic"],

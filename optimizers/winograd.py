@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optimizers.pass_types import Pass, PassContext, PassOption, add_initializer
+from optimizers.pass_types import Pass, PassContext, PassOption, add_initializer, replace_value
 
 # Transform matrices (input B^T, filter G, output A^T) of F(2x2, 3x3) and F(4x4, 3x3), Lavin and Gray's.
 TRANSFORMS = {
@@ -142,12 +142,7 @@ def _rewrite(model: ir.Model, conv: ir.Node, weight: ir.TensorProtocol, m: int, 
     image = op("DepthToSpace", [outputs], blocksize=m, mode="DCR")
     result = op("Slice", [image, const("crop_starts", np.array([0, 0])), size, const("crop_axes", np.array([2, 3]))])
     model.graph.insert_before(conv, nodes)
-    output = conv.outputs[0]
-    result.shape, result.type = output.shape, output.type
-    if output.is_graph_output():  # the graph's output keeps its name
-        name, output.name = output.name, None
-        result.name = name
-    output.replace_all_uses_with(result, replace_graph_outputs=True)
+    replace_value(conv.outputs[0], result)
     parameters = [value for value in conv.inputs[1:] if value is not None]
     model.graph.remove(conv, safe=True)
     for value in parameters:  # the direct weights, unless another node reads them too

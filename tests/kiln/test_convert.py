@@ -23,7 +23,8 @@ def test_every_family_converts_and_verifies(engine_dir, preset):
     assert set(verification["outputs"]) == {"logits"} | {f"present.{i}.{k}" for i in range(2) for k in ("key", "value")}
     assert manifest["source"]["spec"] == preset and manifest["target"] == "cpu" and manifest["precision"] == "fp32"
     assert [s["name"] for s in manifest["steps"]] == ["load", "export", "reference", "optimize", "verify"]
-    assert [p["name"] for p in manifest["passes"]] == ["cleanup", "fusion", "winograd", "logits_to_keep"]
+    assert [p["name"] for p in manifest["passes"]] == ["cleanup", "fusion", "split_skip_layer_norm", "winograd",
+                                                       "logits_to_keep"]
     assert (manifest["kind"], manifest["device"], list(manifest["graphs"])) == ("decoder-lm", "cpu", ["model"])
     signature = {t["name"]: t["shape"] for t in manifest["graphs"]["model"]["signature"]["inputs"]}
     assert signature["input_ids"] == ["batch", "sequence"]
@@ -95,8 +96,8 @@ def test_a_failed_gate_names_the_pass_that_made_the_error_grow(tmp_path, monkeyp
     with pytest.raises(VerificationFailed, match="the error grew most in pass 'int8_dynamic'") as info:
         kiln.convert("tests.factories:tiny_gpt2", precision="int8", output=tmp_path / "engine")
     by_pass = info.value.report["error_by_pass"]
-    assert [e["after"] for e in by_pass] == ["export", "cleanup", "fold_weight_transposes", "fusion", "winograd",
-                                                 "logits_to_keep", "int8_dynamic"]
+    assert [e["after"] for e in by_pass] == ["export", "cleanup", "fold_weight_transposes", "fusion",
+                                                 "split_skip_layer_norm", "winograd", "logits_to_keep", "int8_dynamic"]
     assert by_pass[-1]["max_abs"] > 100 * by_pass[-2]["max_abs"]
     assert list(tmp_path.iterdir()) == []
 
