@@ -137,7 +137,7 @@ def markdown(report: dict) -> str:
     ratios = report.get("throughput_ratio")
     if ratios:
         lines += ["", "Continuous batching / one at a time, tokens/s: " +
-                  ", ".join(f"{clients} clients {ratio:.2f}x" for clients, ratio in ratios.items())]
+                  ", ".join(f"{clients} clients {ratio:.2f}x" for clients, ratio in ratios)]
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +177,9 @@ def main() -> None:
             process.wait(60)
     if not args.url:
         batched, single = report["modes"]["continuous batching"], report["modes"]["one at a time"]
-        report["throughput_ratio"] = {b["clients"]: round(b["tokens_per_s"] / s["tokens_per_s"], 2)
-                                      for b, s in zip(batched, single) if s["tokens_per_s"]}
+        # [clients, ratio] per level, in order: a level may repeat (--clients 16,16,16)
+        report["throughput_ratio"] = [[b["clients"], round(b["tokens_per_s"] / s["tokens_per_s"], 2)]
+                                      for b, s in zip(batched, single) if s["tokens_per_s"]]
     print(markdown(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
