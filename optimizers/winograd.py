@@ -20,7 +20,7 @@ than they save there). Relative error against the direct Conv: ~5e-7 for m = 2, 
 
 The transformed weight is (m+2)^2 / 9 times the original: 1.8x for m = 2, 4x for m = 4, so 4x4 tiles go only to
 convolutions whose weight is small (`big_tile_mb`); in UNets those are the narrow ones at high resolution,
-where bigger tiles also pay most. GPUs' libraries (cuDNN, MIOpen) choose Winograd themselves: CPU recipe only.
+where bigger tiles also pay most. GPUs' libraries (cuDNN, MIOpen) choose Winograd themselves: CPU recipes only.
 """
 from __future__ import annotations
 
