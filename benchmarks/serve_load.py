@@ -21,10 +21,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
-import httpx
 import numpy as np
 
 MODES = {"continuous batching": [], "one at a time": ["--max-batch", "1"]}
@@ -93,9 +93,10 @@ def start_server(engine: Path, extra: list[str], threads: int) -> tuple[subproce
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return process, url
+        except OSError:  # not listening yet, or not ready (urllib's HTTPError is an OSError too)
             pass
         if process.poll() is not None:
             raise SystemExit(f"kiln serve {engine} exited with {process.returncode}")
