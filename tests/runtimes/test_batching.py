@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import runtimes
-from runtimes.batching import ContinuousBatch, Sampling, Sequence
+from runtimes.batching import PREFILL_SLACK, ContinuousBatch, Sampling, Sequence, prefill_groups
 
 
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])  # learned positions; rotary with GQA
@@ -88,4 +88,41 @@ def test_a_slot_engine_without_host_buffers_carries_its_caches(engine_dir):
         while len(batch):
             batch.step()
         assert batch.in_place is None and batch.steps is None  # it fell back to carrying, right-padded
+        assert [s.tokens for s in sequences] == alone
+
+
+class _CountingForward:
+    """The engine, counting its `forward` calls (the prefills, on a batch that has no rows yet)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def forward(self, feeds):
+        self.calls += 1
+        return self.engine.forward(feeds)
+
+
+def test_prefill_groups_hold_prompts_of_similar_length():
+    lengths = [5, 40, 12, 9, 40 - PREFILL_SLACK, 300, 301]
+    groups = prefill_groups([Sequence([1] * n, 1) for n in lengths])
+    assert [[len(s.prompt) for s in group] for group in groups] == [[301, 300], [40, 40 - PREFILL_SLACK], [12, 9, 5]]
+    many = prefill_groups([Sequence([1] * 200, 1) for _ in range(7)])  # at most PREFILL_TOKENS (1024) a call
+    assert [len(group) for group in many] == [5, 2]
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])  # padded on the left; on the right (GQA)
+def test_newcomers_prefilled_together_decode_as_they_would_alone(engine_dir, preset):
+    with runtimes.load(engine_dir(preset), threads=1) as engine:
+        prompts = [[5, 6, 7, 8, 9], [3] * 40, list(range(10, 22)), list(range(30, 39))]
+        alone = [engine.generate([p], 8)[0].tolist() for p in prompts]
+        counting = _CountingForward(engine)
+        batch = ContinuousBatch(counting)
+        sequences = [Sequence(p, 8) for p in prompts]
+        batch.step(sequences)
+        assert counting.calls == 2  # the 40-token prompt alone, the three of 5 to 12 tokens in one call
+        while len(batch):
+            batch.step()
         assert [s.tokens for s in sequences] == alone
