@@ -2,9 +2,11 @@
 weights, activations quantized per call) against `int8_weight_only`'s and `int4`'s MatMulNBits (8-bit and
 4-bit blocks of 32, accuracy_level 4), at the shapes of a SmolLM-135M decoder.
 
-    .venv/bin/python benchmarks/int8_kernels.py [--threads 2] [--rows 1,8,256]
+    .venv/bin/python benchmarks/int8_kernels.py [--threads 2] [--rows 1,8,256] [--blocks 32,128] [--model gpt2]
 
-Rows: 1 and 8 are decode steps at batch 1 and 8, 256 a prefill of 8 x 32 tokens. Runs interleave the
+Rows: 1 and 8 are decode steps at batch 1 and 8, 256 a prefill of 8 x 32 tokens. `--blocks`: the MatMulNBits
+block sizes to compare; `--model gpt2`: gpt2's projections instead (what `kiln serve` batches in
+benchmarks/serve_load.py). Runs interleave the
 kernels; the table gives min / median microseconds (min: what the kernel costs when nothing else runs).
 """
 from __future__ import annotations
@@ -24,9 +26,12 @@ from optimizers.quantize import nbits_blocks  # noqa: E402  (after the path inse
 # SmolLM-135M: hidden 576, 9 heads of 64, 3 KV heads, MLP 1536, vocab 49152 (the tied LM head).
 PROJECTIONS = {"q, o": (576, 576), "k, v": (576, 192), "gate, up": (576, 1536), "down": (1536, 576),
                "lm_head": (576, 49152)}
+# gpt2 (124M): the packed QKV, attention output, MLP up and down, tied LM head.
+GPT2_PROJECTIONS = {"qkv": (768, 2304), "o": (768, 768), "fc": (768, 3072), "proj": (3072, 768),
+                    "lm_head": (768, 50257)}
 
 
-def sessions(weight: np.ndarray, threads: int) -> dict:
+def sessions(weight: np.ndarray, threads: int, blocks: list[int]) -> dict:
     """kernel name -> an onnxruntime session computing `x [M, K] @ weight [K, N]` with it."""
     from onnx import numpy_helper
 
@@ -35,10 +40,10 @@ def sessions(weight: np.ndarray, threads: int) -> dict:
     made = {"DynamicQuantizeMatMul": _session("DynamicQuantizeMatMul", ["x", "B", "scales"], weight.shape, threads, {},
                                               [numpy_helper.from_array(int8, "B"),
                                                numpy_helper.from_array(scales.astype(np.float32), "scales")])}
-    for bits in (8, 4):
-        packed, block_scales = nbits_blocks(weight, bits, 32, symmetric=True)
-        attributes = dict(K=weight.shape[0], N=weight.shape[1], bits=bits, block_size=32, accuracy_level=4)
-        made[f"MatMulNBits {bits}-bit"] = _session("MatMulNBits", ["x", "B", "scales"], weight.shape, threads, attributes,
+    for bits, block in [(8, b) for b in blocks] + [(4, b) for b in blocks]:
+        packed, block_scales = nbits_blocks(weight, bits, block, symmetric=True)
+        attributes = dict(K=weight.shape[0], N=weight.shape[1], bits=bits, block_size=block, accuracy_level=4)
+        made[f"MatMulNBits {bits}-bit/{block}"] = _session("MatMulNBits", ["x", "B", "scales"], weight.shape, threads, attributes,
                                                    [numpy_helper.from_array(packed, "B"),
                                                     numpy_helper.from_array(block_scales, "scales")])
     return made
@@ -64,11 +69,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="1,8,256")
+    parser.add_argument("--blocks", default="32", help="MatMulNBits block sizes, comma-separated.")
+    parser.add_argument("--model", choices=("smollm", "gpt2"), default="smollm", help="Whose projection shapes.")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     kernels = None
-    for name, shape in PROJECTIONS.items():
-        made = sessions((rng.standard_normal(shape) * 0.02).astype(np.float32), args.threads)
+    blocks = [int(b) for b in args.blocks.split(",")]
+    for name, shape in (PROJECTIONS if args.model == "smollm" else GPT2_PROJECTIONS).items():
+        made = sessions((rng.standard_normal(shape) * 0.02).astype(np.float32), args.threads, blocks)
         if kernels is None:
             kernels = list(made)
             print(f"| projection [K, N] | rows | {' | '.join(f'{k} us (min / median)' for k in kernels)} |")
