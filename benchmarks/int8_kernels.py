@@ -1,13 +1,13 @@
 """Which int8 is faster on this CPU: one projection as `int8_dynamic` makes it (DynamicQuantizeMatMul: int8
 weights, activations quantized per call) against `int8_weight_only`'s and `int4`'s MatMulNBits (8-bit and
-4-bit blocks of 32, accuracy_level 4), at the shapes of a SmolLM-135M decoder.
+4-bit blocks, accuracy_level 4), at the shapes of a SmolLM-135M decoder.
 
     .venv/bin/python benchmarks/int8_kernels.py [--threads 2] [--rows 1,8,256] [--blocks 32,128] [--model gpt2]
 
 Rows: 1 and 8 are decode steps at batch 1 and 8, 256 a prefill of 8 x 32 tokens. `--blocks`: the MatMulNBits
-block sizes to compare; `--model gpt2`: gpt2's projections instead (what `kiln serve` batches in
-benchmarks/serve_load.py). Runs interleave the
-kernels; the table gives min / median microseconds (min: what the kernel costs when nothing else runs).
+block sizes to compare (default 32); `--model gpt2`: gpt2's projections instead, as benchmarks/serve_load.py
+serves them. Runs interleave the kernels; the table gives min / median microseconds (min: what the kernel costs
+when nothing else runs).
 """
 from __future__ import annotations
 

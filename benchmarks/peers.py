@@ -20,7 +20,8 @@ Needs the `genai` extra (onnxruntime-genai, which `dev` brings) and `tokenizers`
    set-up included. Decode tok/s is aggregate over the batch, batch * (new_tokens - 1) / decode seconds.
    kiln runs through `kiln.load(..., threads=T)` and `stream`, ONNX Runtime's idle threads spinning as genai's
    do (one process runs at a time); genai through
-   `og.Model` and `og.Generator`, `intra_op_num_threads` set by a `genai_config` overlay.
+   `og.Model` and `og.Generator`, `intra_op_num_threads` set by a `genai_config` overlay. Each worker then
+   measures the read bandwidth, so each decode figure has its own floor (bandwidth / weight bytes).
 4. Medians over `--rounds`, written to OUT.json, OUT.md and OUT.png. A conversion or measurement that fails is
    reported with its error and the rest carry on.
 """
@@ -46,7 +47,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kiln.bench import _cpu_name  # noqa: E402  (after the path insert)
+from kiln.backends import backend_named  # noqa: E402  (after the path insert)
+from kiln.bench import _cpu_name, read_bandwidth  # noqa: E402
 
 # The model's shape by name; tokens ids 0-2 are the tokenizer's unk, bos and eos.
 SHAPES = {
@@ -153,6 +155,7 @@ def convert(tool: str, source: Path, engine: Path, precision: str, reconvert: bo
     if engine.exists() and "error" not in record:
         record["size_bytes"] = sum(p.stat().st_size for p in engine.rglob("*") if p.is_file())
         record.update(graph_facts(engine / "model.onnx"))
+        record["weight_bytes"] = backend_named("onnxruntime").weight_bytes(engine / "model.onnx")
     status = f"failed: {record['error']}" if "error" in record else f"{record.get('wall_s', '?')} s"
     print(f"{tool:>5} {precision}: {'reused, ' if record['reused'] else ''}{status}", flush=True)
     return record
@@ -172,7 +175,10 @@ def worker(args) -> None:
     rng = np.random.default_rng(SEED)
     prompts = rng.integers(3, args.vocab, size=(args.batch, args.prompt))
     run = run_kiln if args.worker == "kiln" else run_genai
-    print(json.dumps(run(args.engine, prompts, args.new_tokens, args.threads)))
+    result = run(args.engine, prompts, args.new_tokens, args.threads)
+    # Right after the generation, in the same process: this machine's bandwidth drifts by a third in minutes.
+    result["read_bandwidth"] = read_bandwidth(args.threads)
+    print(json.dumps(result))
 
 
 def run_kiln(engine: Path, prompts: np.ndarray, new_tokens: int, threads: int) -> dict:
@@ -259,13 +265,17 @@ def measure(tool: str, engine: Path, batch: int, args) -> dict:
     return result
 
 
-def summarize(samples: dict, errors: dict, precision: str, batch: int, tool: str) -> dict:
+def summarize(samples: dict, errors: dict, precision: str, batch: int, tool: str, weight_bytes: int | None) -> dict:
     runs = samples.get((precision, batch, tool), [])
     if not runs:
         return {"error": errors.get((precision, batch, tool), "not measured")}
     median = {key: statistics.median(run[key] for run in runs)
-              for key in ("first_token_ms", "decode_tok_s", "load_s", "cpu_per_wall")}
-    return {**median, "decode_tok_s_per_row": median["decode_tok_s"] / batch,
+              for key in ("first_token_ms", "decode_tok_s", "load_s", "cpu_per_wall", "read_bandwidth")}
+    # Each run's decode steps per second over its own floor, the read bandwidth over the weight bytes a step
+    # reads: a step reads every weight once, so the floor bounds it at any batch while the weights dominate.
+    floor = statistics.median(run["decode_tok_s"] / batch * weight_bytes / run["read_bandwidth"]
+                              for run in runs) if weight_bytes else None
+    return {**median, "decode_tok_s_per_row": median["decode_tok_s"] / batch, "floor_share": floor,
             "decode_tok_s_runs": [run["decode_tok_s"] for run in runs], "runs": len(runs),
             "error": errors.get((precision, batch, tool))}
 
@@ -298,7 +308,9 @@ def markdown(report: dict) -> str:
              f"{settings['threads']} intra-op threads, one process per measurement, medians over {settings['rounds']} "
              "round(s). Decode tok/s is aggregate over the batch: batch * (new tokens - 1) / decode seconds. "
              "First token: prefill plus the first token's choice, request set-up included. Same tokens: share of "
-             "positions where both tools chose the same token (first round).", ""]
+             "positions where both tools chose the same token (first round). Share of floor: decode steps per second over "
+             "the read bandwidth (a 512 MiB torch.sum, measured by each worker right after its generation) divided "
+             "by the engine's weight bytes; medians over rounds.", ""]
     lines += _generation_table(report) + [""] + _conversion_table(report) + [""] + _graph_table(report)
     loads = [f"{tool} {row['precision']} {_cell(row[tool].get('load_s'), '.2f')} s"
              for row in report["generation"] if row["batch"] == report["generation"][0]["batch"] for tool in TOOLS]
@@ -312,8 +324,8 @@ def markdown(report: dict) -> str:
 
 def _generation_table(report: dict) -> list[str]:
     lines = ["| precision | batch | kiln decode tok/s (aggregate) | genai decode tok/s (aggregate) | kiln / genai "
-             "| kiln first token ms | genai first token ms | same tokens |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| kiln first token ms | genai first token ms | same tokens | kiln / genai decode, share of floor |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     notes = []
     for row in report["generation"]:
         kiln_run, genai_run = row["kiln"], row["genai"]
@@ -325,7 +337,8 @@ def _generation_table(report: dict) -> list[str]:
         lines.append(f"| {row['precision']} | {row['batch']} | {_cell(kiln_rate, '.1f', 'failed')} | "
                      f"{_cell(genai_rate, '.1f', 'failed')} | {_cell(ratio, '.2f')} | "
                      f"{_cell(kiln_run.get('first_token_ms'), '.1f')} | {_cell(genai_run.get('first_token_ms'), '.1f')} "
-                     f"| {_cell(row['same_tokens'], '.0%')} |")
+                     f"| {_cell(row['same_tokens'], '.0%')} | "
+                     f"{_cell(kiln_run.get('floor_share'), '.0%')} / {_cell(genai_run.get('floor_share'), '.0%')} |")
     notes += [f"- {record['tool']} {record['precision']} conversion: {record['error']}"
               for record in report["conversions"] if "error" in record]
     return lines + (["", "Failed:", *notes] if notes else [])
@@ -450,8 +463,10 @@ def main(argv=None) -> None:
             for batch in batches:
                 errors[record["precision"], batch, record["tool"]] = "conversion failed"
 
+    weights = {(r["tool"], r["precision"]): r.get("weight_bytes") for r in conversions}
     generation = [{"precision": precision, "batch": batch, "same_tokens": same_tokens(samples, precision, batch),
-                   **{tool: summarize(samples, errors, precision, batch, tool) for tool in TOOLS}}
+                   **{tool: summarize(samples, errors, precision, batch, tool, weights.get((tool, precision)))
+                      for tool in TOOLS}}
                   for batch in batches for precision in precisions]
     report = {
         "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
