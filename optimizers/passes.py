@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from optimizers.cleanup import CLEANUP, FOLD_WEIGHT_TRANSPOSES
+from optimizers.cleanup import CLEANUP, FOLD_WEIGHT_TRANSPOSES, TIED_HEAD_LAYOUT
 from optimizers.errors import RecipeError
 from optimizers.fusion import FUSION
 from optimizers.logits_to_keep import LOGITS_TO_KEEP
@@ -15,7 +15,7 @@ from optimizers.winograd import WINOGRAD
 
 PASSES = {
     p.name: p for p in (CLEANUP, FOLD_WEIGHT_TRANSPOSES, FUSION, LOGITS_TO_KEEP, KILN_ATTENTION, FP16, INT8_DYNAMIC,
-                        INT8_STATIC, INT8_WEIGHT_ONLY, INT4, SPLIT_SKIP_LAYER_NORM, WINOGRAD)
+                        INT8_STATIC, INT8_WEIGHT_ONLY, INT4, SPLIT_SKIP_LAYER_NORM, TIED_HEAD_LAYOUT, WINOGRAD)
 }
 
 

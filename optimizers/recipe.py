@@ -17,10 +17,11 @@ from optimizers.passes import PASSES
 
 # (recipe, precision) -> pass names, in order. Recipes are data: print them, or pass your own list.
 RECIPES: dict[tuple[str, str], list[str]] = {
-    # CPU only: split_skip_layer_norm (ONNX Runtime's CPU SkipLayerNormalization is slower than its two ops) and
-    # winograd (GPU libraries choose Winograd themselves). Convolutions stay fp32 at every precision: the quantizing
-    # passes take MatMuls whose weight is their second input; winograd's weights are the first.
-    ("cpu", "fp32"): ["cleanup", "fusion", "split_skip_layer_norm", "winograd", "logits_to_keep"],
+    # CPU only: split_skip_layer_norm (ONNX Runtime's CPU SkipLayerNormalization is slower than its two ops),
+    # winograd (GPU libraries choose Winograd themselves) and tied_head_layout (its CPU MatMul prepacks a [K, N]
+    # weight, not a transposed one). Convolutions stay fp32 at every precision: the quantizing passes take MatMuls
+    # whose weight is their second input; winograd's weights are the first.
+    ("cpu", "fp32"): ["cleanup", "tied_head_layout", "fusion", "split_skip_layer_norm", "winograd", "logits_to_keep"],
     ("cpu", "int8"): ["cleanup", "fold_weight_transposes", "fusion", "split_skip_layer_norm", "winograd",
                       "logits_to_keep", "int8_dynamic"],
     ("cpu", "int8-static"): ["cleanup", "fold_weight_transposes", "fusion", "split_skip_layer_norm", "winograd",

@@ -23,8 +23,8 @@ def test_every_family_converts_and_verifies(engine_dir, preset):
     assert set(verification["outputs"]) == {"logits"} | {f"present.{i}.{k}" for i in range(2) for k in ("key", "value")}
     assert manifest["source"]["spec"] == preset and manifest["target"] == "cpu" and manifest["precision"] == "fp32"
     assert [s["name"] for s in manifest["steps"]] == ["load", "export", "reference", "optimize", "verify"]
-    assert [p["name"] for p in manifest["passes"]] == ["cleanup", "fusion", "split_skip_layer_norm", "winograd",
-                                                       "logits_to_keep"]
+    assert [p["name"] for p in manifest["passes"]] == ["cleanup", "tied_head_layout", "fusion", "split_skip_layer_norm",
+                                                       "winograd", "logits_to_keep"]
     assert (manifest["kind"], manifest["device"], list(manifest["graphs"])) == ("decoder-lm", "cpu", ["model"])
     signature = {t["name"]: t["shape"] for t in manifest["graphs"]["model"]["signature"]["inputs"]}
     assert signature["input_ids"] == ["batch", "sequence"]

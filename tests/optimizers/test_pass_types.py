@@ -27,6 +27,7 @@ CREATED_ON_TINY_GPT2 = {
     "int4": (["cleanup", "fold_weight_transposes", "fusion"], {NBITS: 9, GATHER_BLOCKS: 1}),
     "winograd": (["cleanup", "fusion"], {}),  # no convolutions: tests/optimizers/test_winograd.py
     "split_skip_layer_norm": (["cleanup", "fusion"], {}),  # standard ops: tests/optimizers/test_split_skip_norm.py
+    "tied_head_layout": (["cleanup"], {}),  # standard ops: tests/optimizers/test_tied_head_layout.py
 }
 
 
@@ -74,7 +75,7 @@ def test_pass_options_from_the_command_line_get_their_declared_types():
 
 
 @pytest.mark.parametrize("item, message", [
-    ("int5.block_size=64", r"unknown pass 'int5' \(passes: cleanup, .*int4, split_skip_layer_norm, winograd\)"),
+    ("int5.block_size=64", r"unknown pass 'int5' \(passes: cleanup, .*int4, split_skip_layer_norm, tied_head_layout, winograd\)"),
     ("int4.blocksize=64", r"pass 'int4' has no option 'blocksize' \(options: block_size \(int\), "
                           r"accuracy_level \(int\), symmetric \(bool\), quantize_embedding \(bool\)\)"),
     ("cleanup.level=2", r"pass 'cleanup' has no option 'level' \(it takes none\)"),

@@ -58,7 +58,8 @@ def test_path_in_path_out_with_external_data_keeps_outputs(exported, tmp_path):
     path, loaded = exported("tiny-gpt2")
     out = tmp_path / "model.onnx"
     _, reports = run_recipe(path, PassContext(facts=loaded.facts, family=loaded.family), output=out, external_data=True)
-    assert [r.name for r in reports] == ["cleanup", "fusion", "split_skip_layer_norm", "winograd", "logits_to_keep"]
+    assert [r.name for r in reports] == ["cleanup", "tied_head_layout", "fusion", "split_skip_layer_norm", "winograd",
+                                         "logits_to_keep"]
     assert (tmp_path / "model.onnx.data").stat().st_size > 100_000
     assert all(r.seconds >= 0 and r.bytes_after > 0 for r in reports)
     plain, optimized = OnnxRuntimePredictor(path), OnnxRuntimePredictor(out)
