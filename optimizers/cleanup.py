@@ -51,7 +51,8 @@ def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Mo
     """Store transposed weights as initializers: MatMul(x, Transpose(W)) -> MatMul(x, W'), Gemm transB=1 -> 0.
 
     The quantizers only take MatMuls whose weight is a constant initializer, and constant folding leaves
-    large transposes alone (size limit). A tied LM head keeps its embedding too: the head gets its own copy.
+    large transposes alone (size limit). A tied LM head keeps its embedding too: the head gets its own copy
+    (and an embedding gathered from a transposed head, as tied_head_layout leaves it, gets its own).
     """
     folded = 0
     transposed: dict[str, ir.Value] = {}
@@ -65,6 +66,15 @@ def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Mo
         return transposed[weight.name]
 
     for node in list(model.graph.all_nodes()):
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx"):
+            # An embedding gathered from Transpose(E'), as tied_head_layout leaves it: the table gets its copy,
+            # so that the quantizers find it.
+            table = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if (table is not None and table.op_type == "Transpose"
+                    and list(table.attributes.get_ints("perm", [1, 0])) == [1, 0] and _is_2d_initializer(table.inputs[0])):
+                node.replace_input_with(0, transposed_initializer(table.inputs[0]))
+                folded += 1
+            continue
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         weight = node.inputs[1]
@@ -101,7 +111,7 @@ def tied_head_layout(model: ir.Model, context: PassContext) -> tuple[ir.Model, d
     file still holds one copy of the table. The quantizing recipes have fold_weight_transposes instead: their
     head gets blocks of its own and the embedding shares or quantizes them (optimizers/quantize.py).
     """
-    moved = 0
+    tables = []
     for node in list(model.graph.all_nodes()):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
@@ -120,12 +130,13 @@ def tied_head_layout(model: ir.Model, context: PassContext) -> tuple[ir.Model, d
         for user, index in list(table.uses()):
             if user is not producer:
                 user.replace_input_with(index, embedding.outputs[0])
-        moved += 1
-    if moved:
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-        for name in [name for name, value in model.graph.initializers.items() if not value.uses()]:
-            del model.graph.initializers[name]
-    return model, {"heads_moved": moved}
+        tables.append(table)
+    if tables:
+        ir.passes.common.RemoveUnusedNodesPass()(model)  # the old Transposes
+        for table in tables:
+            if not table.uses() and table.name in model.graph.initializers:
+                del model.graph.initializers[table.name]  # the table's one copy is now the head's
+    return model, {"heads_moved": len(tables)}
 
 
 TIED_HEAD_LAYOUT = Pass("tied_head_layout", tied_head_layout,
