@@ -69,10 +69,9 @@ def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Mo
         if node.op_type == "Gather" and node.domain in ("", "ai.onnx"):
             # An embedding gathered from Transpose(E'), as tied_head_layout leaves it: the table gets its copy,
             # so that the quantizers find it.
-            table = node.inputs[0].producer() if node.inputs[0] is not None else None
-            if (table is not None and table.op_type == "Transpose"
-                    and list(table.attributes.get_ints("perm", [1, 0])) == [1, 0] and _is_2d_initializer(table.inputs[0])):
-                node.replace_input_with(0, transposed_initializer(table.inputs[0]))
+            table = _transposed_initializer_under(node.inputs[0])
+            if table is not None:
+                node.replace_input_with(0, transposed_initializer(table))
                 folded += 1
             continue
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
@@ -83,13 +82,9 @@ def fold_weight_transposes(model: ir.Model, context: PassContext) -> tuple[ir.Mo
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
             folded += 1
             continue
-        producer = weight.producer() if weight is not None else None
-        if (
-            producer is not None and producer.op_type == "Transpose"
-            and list(producer.attributes.get_ints("perm", [1, 0])) == [1, 0]
-            and _is_2d_initializer(producer.inputs[0])
-        ):
-            node.replace_input_with(1, transposed_initializer(producer.inputs[0]))
+        source = _transposed_initializer_under(weight)
+        if source is not None:
+            node.replace_input_with(1, transposed_initializer(source))
             folded += 1
     if folded:
         ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -115,12 +110,10 @@ def tied_head_layout(model: ir.Model, context: PassContext) -> tuple[ir.Model, d
     for node in list(model.graph.all_nodes()):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
-        producer = node.inputs[1].producer() if node.inputs[1] is not None else None
-        if (producer is None or producer.op_type != "Transpose"
-                or list(producer.attributes.get_ints("perm", [1, 0])) != [1, 0]
-                or not _is_2d_initializer(producer.inputs[0])):
+        table = _transposed_initializer_under(node.inputs[1])
+        if table is None:
             continue
-        table = producer.inputs[0]
+        producer = node.inputs[1].producer()
         if not any(user.op_type == "Gather" for user, _ in table.uses()):
             continue  # not an embedding: fold_weight_transposes' case
         head = add_initializer(model, f"{table.name}.transposed", np.ascontiguousarray(table.const_value.numpy().T))
@@ -148,3 +141,12 @@ def _is_2d_initializer(value: ir.Value | None) -> bool:
         value is not None and value.is_initializer() and value.const_value is not None
         and len(value.const_value.shape) == 2
     )
+
+
+def _transposed_initializer_under(value: ir.Value | None) -> ir.Value | None:
+    """The 2-D initializer W when `value` is Transpose(W) with perm [1, 0], else None."""
+    producer = value.producer() if value is not None else None
+    if (producer is not None and producer.op_type == "Transpose"
+            and list(producer.attributes.get_ints("perm", [1, 0])) == [1, 0] and _is_2d_initializer(producer.inputs[0])):
+        return producer.inputs[0]
+    return None
