@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kiln.backends import backend_named  # noqa: E402  (after the path insert)
-from kiln.bench import _cpu_name, read_bandwidth  # noqa: E402
+from kiln.bench import _cpu_name, _floor_share, read_bandwidth  # noqa: E402
 
 # The model's shape by name; tokens ids 0-2 are the tokenizer's unk, bos and eos.
 SHAPES = {
@@ -273,8 +273,8 @@ def summarize(samples: dict, errors: dict, precision: str, batch: int, tool: str
               for key in ("first_token_ms", "decode_tok_s", "load_s", "cpu_per_wall", "read_bandwidth")}
     # Each run's decode steps per second over its own floor, the read bandwidth over the weight bytes a step
     # reads: a step reads every weight once, so the floor bounds it at any batch while the weights dominate.
-    floor = statistics.median(run["decode_tok_s"] / batch * weight_bytes / run["read_bandwidth"]
-                              for run in runs) if weight_bytes else None
+    floor = _floor_share([run["decode_tok_s"] / batch for run in runs], [run["read_bandwidth"] for run in runs],
+                         weight_bytes)
     return {**median, "decode_tok_s_per_row": median["decode_tok_s"] / batch, "floor_share": floor,
             "decode_tok_s_runs": [run["decode_tok_s"] for run in runs], "runs": len(runs),
             "error": errors.get((precision, batch, tool))}

@@ -192,7 +192,8 @@ def run_bench(candidates: list[Candidate], config: BenchConfig, on_progress: Cal
 
 
 def _floor_share(rates: list[float] | None, bandwidths: list[float], weight_bytes: int) -> float | None:
-    """Median over rounds of batch-1 decode tok/s over that round's floor (bandwidth / weight bytes)."""
+    """Median over rounds of decode steps per second (batch 1: tok/s) over that round's floor (bandwidth / weight
+    bytes)."""
     if not rates or not weight_bytes:
         return None
     return statistics.median(rate * weight_bytes / bandwidth for rate, bandwidth in zip(rates, bandwidths))
