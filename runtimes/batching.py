@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtimes.decoder_lm import (APPEND, LOGITS_TO_KEEP, PAST_PREFIX, PRESENT_PREFIX, SLOT, carried_cache,
-                                 last_token_logits, logits_needed, next_feeds, pad_prompts, past_inputs, prefill_feeds,
-                                 vocab_size)
+from runtimes.decoder_lm import (APPEND, PAST_PREFIX, PRESENT_PREFIX, SLOT, carried_cache, last_token_logits,
+                                 next_feeds, pad_prompts, past_inputs, prefill_feeds, vocab_size)
 from runtimes.generate import choose_next
 
 # Columns an in-place cache holds beyond the widest row when it grows: at least HEADROOM, else as many as the
@@ -172,8 +171,7 @@ class ContinuousBatch:
         parts = []
         for group in prefill_groups(joining):
             ids, mask = pad_prompts([s.prompt for s in group], layout=self.layout)
-            keep = {LOGITS_TO_KEEP: np.array(logits_needed(mask))} if keeps_logits else {}
-            outputs = self.predictor.forward({**prefill_feeds(self.signature, ids, mask), **keep})
+            outputs = self.predictor.forward(prefill_feeds(self.signature, ids, mask, last_logits_only=keeps_logits))
             logits = outputs["logits"]
             pending = self._choose(group, last_token_logits(logits, mask[:, -logits.shape[1]:]))
             cache = {name: array for name, array in outputs.items() if name.startswith(PRESENT_PREFIX)}

@@ -124,12 +124,15 @@ def positions_of(mask: np.ndarray) -> np.ndarray:
     return np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
 
 
-def prefill_feeds(signature: Signature, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """A prefill of `ids [batch, sequence]` (left-padded where `mask` is 0) with empty caches."""
+def prefill_feeds(signature: Signature, ids: np.ndarray, mask: np.ndarray | None = None,
+                  last_logits_only: bool = False) -> dict[str, np.ndarray]:
+    """A prefill of `ids [batch, sequence]` (padded where `mask` is 0) with empty caches; `last_logits_only`
+    (for a graph that takes `logits_to_keep`) asks for the last columns that hold every row's last token."""
     ids = np.asarray(ids, dtype=np.int64)
     mask = np.ones_like(ids) if mask is None else np.asarray(mask, dtype=np.int64)
+    keep = {LOGITS_TO_KEEP: np.array(logits_needed(mask))} if last_logits_only else {}
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions_of(mask),
-            **empty_cache(signature, ids.shape[0])}
+            **empty_cache(signature, ids.shape[0]), **keep}
 
 
 def next_feeds(signature: Signature, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],

@@ -9,8 +9,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from runtimes.decoder_lm import (APPEND, GRAPHS, LOGITS_TO_KEEP, SLOT, check_layout, last_token_logits, logits_needed,
-                                 next_feeds, pad_prompts, pad_to_buckets, prefill_feeds, strip_buckets, vocab_size)
+from runtimes.decoder_lm import (APPEND, GRAPHS, LOGITS_TO_KEEP, SLOT, check_layout, last_token_logits, next_feeds,
+                                 pad_prompts, pad_to_buckets, prefill_feeds, strip_buckets, vocab_size)
 from runtimes.errors import EngineError, FeedError
 from runtimes.predictor import Predictor
 from runtimes.tokenizer import encode_prompts, load_tokenizer
@@ -203,9 +203,9 @@ class CarriedCache:
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The prompt's logits `[batch, sequence, vocab]`; the prompt is checked here, later steps are not."""
-        self.feeds = prefill_feeds(self.predictor.signature, ids, mask)
-        keep = {LOGITS_TO_KEEP: np.array(logits_needed(mask))} if getattr(self.predictor, "keeps_logits", False) else {}
-        self.outputs = self.predictor.predict({**self.feeds, **keep})
+        self.feeds = prefill_feeds(self.predictor.signature, ids, mask,
+                                   last_logits_only=getattr(self.predictor, "keeps_logits", False))
+        self.outputs = self.predictor.predict(self.feeds)
         return self.outputs["logits"]
 
     def step(self, new_ids: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from runtimes.decoder_lm import (LOGITS_TO_KEEP, PAST_PREFIX, PRESENT_PREFIX, SLOT, logits_needed, past_inputs,
-                                 prefill_feeds, step_inputs, vocab_size)
+from runtimes.decoder_lm import (PAST_PREFIX, PRESENT_PREFIX, SLOT, past_inputs, prefill_feeds, step_inputs,
+                                 vocab_size)
 from runtimes.errors import FeedError
 
 
@@ -51,9 +51,7 @@ class SharedCache:
         that has a default, as `logits_to_keep` has), its caches then copied into the buffers."""
         if mask.shape[1] > self.capacity:
             raise FeedError(f"the cache holds {self.capacity} tokens per row; this step needs {mask.shape[1]}")
-        feeds = prefill_feeds(self.signature, ids, mask)
-        if self.keeps_logits:
-            feeds[LOGITS_TO_KEEP] = np.array(logits_needed(mask))
+        feeds = prefill_feeds(self.signature, ids, mask, last_logits_only=self.keeps_logits)
         names = ["logits", *(PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.buffers)]
         logits, *presents = self.session.run(names, feeds)
         for buffer, present in zip(self.buffers.values(), presents):
