@@ -14,7 +14,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion
 
-from optimizers.cleanup import single_output_rewrites
+from optimizers.cleanup import drop_unread_outputs, single_output_rewrites
 from optimizers.mha_to_gqa import mha_to_gqa
 from optimizers.packed_qkv import pack_qkv
 from optimizers.pass_types import Pass, PassContext, PassOption
@@ -199,6 +199,7 @@ def _fusion(model: ir.Model, context: PassContext) -> tuple[ir.Model, dict]:
         attention = _attention_nodes(model)
     del backup
     _restore_io_shapes(model, shapes)
+    counts["unread_outputs_dropped"] = drop_unread_outputs(model)
     # With a past input the op owns the cache update (no Concat outside it).
     with_cache = sum(
         1 for n in attention

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from kiln.verify import VerificationInputs, output_error, run_steps
@@ -36,6 +37,10 @@ def test_fusion_per_family(preset, exported, tmp_path):
     assert fusion.details["attention_fused"] == ((fused.get(MHA) or fused.get(GQA)) == loaded.facts.layers)
     assert fusion.details["cache_layout"] == (SLOT if GQA in fused else APPEND)
     assert fusion.details["attention_note"] == loaded.family.fusion_note != ""
+    # The fused norms' mean and inverse deviation are read by nothing: left unnamed, ONNX Runtime skips them.
+    norms = [n for n in onnx.load(str(out)).graph.node if n.op_type.endswith("LayerNormalization")]
+    assert norms and all(list(n.output[1:3]) in ([], [""], ["", ""]) for n in norms)
+    assert fusion.details["rules"]["unread_outputs_dropped"] >= 2 * (fused.get(SLN, 0) + fused.get(SSLN, 0))
     plain, optimized = OnnxRuntimePredictor(path), OnnxRuntimePredictor(out)
     assert optimized.signature == plain.signature
     vocab = loaded.facts.vocab_size
@@ -118,3 +123,28 @@ def test_multi_head_attention_becomes_grouped_only_over_the_causal_padding_mask(
         node.replace_input_with(5, biased.outputs[0])
     assert mha_to_gqa(model) == 0
     assert sum(n.op_type == "MultiHeadAttention" for n in model.graph) == loaded.facts.layers
+
+
+def test_only_unread_optional_outputs_lose_their_names():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from optimizers.cleanup import drop_unread_outputs
+
+    width = 4
+    norm = helper.make_node("LayerNormalization", ["x", "gamma"], ["y", "mean", "inv_std"], axis=-1)
+    split = helper.make_node("Split", ["y"], ["left", "right"], axis=-1, num_outputs=2)  # outputs not optional
+    graph = helper.make_graph(
+        [norm, helper.make_node("Add", ["left", "inv_std"], ["z"]), split], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, width])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.ones(width, np.float32), "gamma")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert drop_unread_outputs(model) == 1
+    nodes = {n.op_type: [v.name for v in n.outputs] for n in model.graph}
+    assert nodes["LayerNormalization"] == ["y", "", "inv_std"] and nodes["Split"] == ["left", "right"]
+    import onnxruntime as ort
+
+    x = np.arange(2 * width, dtype=np.float32).reshape(2, width)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": x})[0].shape == (2, width // 2)
