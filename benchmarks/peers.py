@@ -288,6 +288,15 @@ def same_tokens(samples: dict, precision: str, batch: int) -> float | None:
     return float((np.array(kiln_runs[0]["tokens"]) == np.array(genai_runs[0]["tokens"])).mean())
 
 
+def round_ratios(row: dict) -> list[float]:
+    """kiln's decode rate over genai's, round by round: the two measured one after the other, so a drift of the
+    shared machine between rounds cancels out of each ratio."""
+    kiln_runs, genai_runs = (row[tool].get("decode_tok_s_runs") or [] for tool in TOOLS)
+    if len(kiln_runs) != len(genai_runs):  # a failed run would pair measurements from different rounds
+        return []
+    return [k / g for k, g in zip(kiln_runs, genai_runs)]
+
+
 def _shell(command: list[str]) -> str:
     return " ".join(f"'{part}'" if " " in part or ";" in part else part for part in command)
 
@@ -307,6 +316,8 @@ def markdown(report: dict) -> str:
              f"Generation: greedy, prompt {settings['prompt']} random ids, {settings['new_tokens']} new tokens per row, "
              f"{settings['threads']} intra-op threads, one process per measurement, medians over {settings['rounds']} "
              "round(s). Decode tok/s is aggregate over the batch: batch * (new tokens - 1) / decode seconds. "
+             "kiln / genai: the ratio of the medians; per round: the ratio within each round, where the two ran one "
+             "after the other. "
              "First token: prefill plus the first token's choice, request set-up included. Same tokens: share of "
              "positions where both tools chose the same token (first round). Share of floor: decode steps per second over "
              "the read bandwidth (a 512 MiB torch.sum, measured by each worker right after its generation) divided "
@@ -324,8 +335,9 @@ def markdown(report: dict) -> str:
 
 def _generation_table(report: dict) -> list[str]:
     lines = ["| precision | batch | kiln decode tok/s (aggregate) | genai decode tok/s (aggregate) | kiln / genai "
-             "| kiln first token ms | genai first token ms | same tokens | kiln / genai decode, share of floor |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| kiln / genai per round, median (range) | kiln first token ms | genai first token ms | same tokens "
+             "| kiln / genai decode, share of floor |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     notes = []
     for row in report["generation"]:
         kiln_run, genai_run = row["kiln"], row["genai"]
@@ -334,8 +346,10 @@ def _generation_table(report: dict) -> list[str]:
                 notes.append(f"- {tool} {row['precision']} batch {row['batch']}: {row[tool]['error']}")
         kiln_rate, genai_rate = kiln_run.get("decode_tok_s"), genai_run.get("decode_tok_s")
         ratio = kiln_rate / genai_rate if kiln_rate and genai_rate else None
+        paired = round_ratios(row)
+        per_round = (f"{statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f})" if paired else "-")
         lines.append(f"| {row['precision']} | {row['batch']} | {_cell(kiln_rate, '.1f', 'failed')} | "
-                     f"{_cell(genai_rate, '.1f', 'failed')} | {_cell(ratio, '.2f')} | "
+                     f"{_cell(genai_rate, '.1f', 'failed')} | {_cell(ratio, '.2f')} | {per_round} | "
                      f"{_cell(kiln_run.get('first_token_ms'), '.1f')} | {_cell(genai_run.get('first_token_ms'), '.1f')} "
                      f"| {_cell(row['same_tokens'], '.0%')} | "
                      f"{_cell(kiln_run.get('floor_share'), '.0%')} / {_cell(genai_run.get('floor_share'), '.0%')} |")
