@@ -180,16 +180,18 @@ def stream(
             logits = steps.prefill(ids, mask)  # maybe only the last columns' (logits_to_keep)
             last = last_token_logits(logits, mask[:, -logits.shape[1]:])
         else:
-            last = steps.step(column)[:, -1, :]
+            last = steps.step(column, keep=False)[:, -1, :]  # read before the next step overwrites it
         tokens = choose_next(last, history, history_mask, rng, temperature, top_k, top_p, repetition_penalty)
-        tokens = np.where(finished, pad_token_id, tokens)
+        if eos.size:  # rows that ended get padding; without EOS ids no row ends early
+            tokens = np.where(finished, pad_token_id, tokens)
+            finished |= np.isin(tokens, eos)
         yield tokens
-        finished |= np.isin(tokens, eos)
         if finished.all() or step == max_new_tokens - 1:
             return
         column = tokens[:, None]
-        history = np.concatenate([history, column], axis=1)
-        history_mask = np.concatenate([history_mask, (~finished[:, None]).astype(np.int64)], axis=1)
+        if repetition_penalty != 1.0:  # the only reader of the history
+            history = np.concatenate([history, column], axis=1)
+            history_mask = np.concatenate([history_mask, (~finished[:, None]).astype(np.int64)], axis=1)
 
 
 class CarriedCache:
@@ -208,8 +210,9 @@ class CarriedCache:
         self.outputs = self.predictor.predict(self.feeds)
         return self.outputs["logits"]
 
-    def step(self, new_ids: np.ndarray) -> np.ndarray:
-        """The logits of `new_ids [batch, n]` put behind the cache."""
+    def step(self, new_ids: np.ndarray, keep: bool = True) -> np.ndarray:
+        """The logits of `new_ids [batch, n]` put behind the cache, a new array each step whatever `keep` says
+        (`SharedCache.step`'s flag)."""
         self.feeds = next_feeds(self.predictor.signature, self.feeds, self.outputs, new_ids, layout=self.layout)
         self.outputs = self.predictor.forward(self.feeds)
         return self.outputs["logits"]

@@ -44,6 +44,13 @@ class SharedCache:
             self.buffers[spec.name] = buffer
             self.values.append(value)
         self.mask = np.zeros((batch, 0), np.int64) if mask is None else mask
+        # One-token steps write their ids and positions into these, bound once: a step then makes one numpy
+        # array (the mask) and binds one input, where building and binding all three took ~0.3 ms a step.
+        self.ids, self.positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
+        self.ids_value = ort.OrtValue.ortvalue_from_numpy(self.ids)
+        self.positions_value = ort.OrtValue.ortvalue_from_numpy(self.positions)
+        self.columns = np.arange(capacity, dtype=np.int64)
+        self.bind_one_token_inputs()
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The right-padded prompt's logits `[batch, sequence, vocab]`, or only the last columns that hold every
@@ -63,19 +70,39 @@ class SharedCache:
         """The logits of `new_ids [batch, n]`, each row's written at its next slot. `keep=False`: one-token steps
         return the bound buffer itself, which the next step overwrites (a caller done with them by then saves
         copying them, 3 MB a step for 16 rows of gpt2)."""
-        inputs = step_inputs(self.mask, new_ids, layout=SLOT)
-        width = inputs["attention_mask"].shape[1]
-        if width > self.capacity:
-            raise FeedError(f"the cache holds {self.capacity} tokens per row; this step needs {width}")
-        for name, array in inputs.items():
-            self.binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         tokens = new_ids.shape[1]
         if tokens == 1:
-            self.binding.bind_ortvalue_output("logits", self.logits_value)
+            self._bind_one_token(new_ids)
         else:  # ONNX Runtime allocates [batch, tokens, vocab]; bound by name each time, as a binding keeps its shape
+            inputs = step_inputs(self.mask, new_ids, layout=SLOT)
+            self._check_width(inputs["attention_mask"].shape[1])
+            for name, array in inputs.items():
+                self.binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
             self.binding.bind_output("logits")
+            self.mask = inputs["attention_mask"]
         self.session.run_with_iobinding(self.binding)
-        self.mask = inputs["attention_mask"]
         if tokens == 1:
             return self.logits.copy() if keep else self.logits
-        return self.binding.get_outputs()[0].numpy()
+        logits = self.binding.get_outputs()[0].numpy()
+        self.bind_one_token_inputs()
+        return logits
+
+    def bind_one_token_inputs(self) -> None:
+        """Bind the buffers that one-token steps write their ids, positions and logits into."""
+        self.binding.bind_ortvalue_input("input_ids", self.ids_value)
+        self.binding.bind_ortvalue_input("position_ids", self.positions_value)
+        self.binding.bind_ortvalue_output("logits", self.logits_value)
+
+    def _bind_one_token(self, new_ids: np.ndarray) -> None:
+        """`step_inputs` of one token per row, written into the bound ids and positions: each row's token goes at
+        its count of written columns, and the mask covers every row's columns up to its token."""
+        np.sum(self.mask, axis=1, keepdims=True, out=self.positions)
+        width = int(self.positions.max(initial=-1)) + 1
+        self._check_width(width)
+        self.ids[:] = new_ids
+        self.mask = (self.columns[:width] <= self.positions).astype(np.int64)
+        self.binding.bind_cpu_input("attention_mask", self.mask)  # its width grows: bound each step
+
+    def _check_width(self, width: int) -> None:
+        if width > self.capacity:
+            raise FeedError(f"the cache holds {self.capacity} tokens per row; this step needs {width}")
