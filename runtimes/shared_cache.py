@@ -44,8 +44,9 @@ class SharedCache:
             self.buffers[spec.name] = buffer
             self.values.append(value)
         self.mask = np.zeros((batch, 0), np.int64) if mask is None else mask
-        # One-token steps write their ids and positions into these, bound once: a step then makes one numpy
-        # array (the mask) and binds one input, where building and binding all three took ~0.3 ms a step.
+        # One-token steps write their ids and positions into these, bound once: a step then makes one numpy array
+        # (the mask) and binds one input. With `stream` reading the logits uncopied, a SmolLM-shaped int4 step
+        # spent 0.29 ms outside ONNX Runtime, against 0.42 ms building and binding all three each step.
         self.ids, self.positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
         self.ids_value = ort.OrtValue.ortvalue_from_numpy(self.ids)
         self.positions_value = ort.OrtValue.ortvalue_from_numpy(self.positions)
