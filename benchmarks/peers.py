@@ -1,7 +1,7 @@
 """kiln's CPU engines against onnxruntime-genai's model builder, on a SmolLM-135M-shaped Llama with random weights.
 
     .venv/bin/python benchmarks/peers.py [--work build/peers] [--precisions fp32,int8,int4] [--batches 1,8]
-        [--rounds 5] [--prompt 32] [--new-tokens 64] [--threads 2] [--reconvert] [--out benchmarks/results/peers]
+        [--rounds 5] [--prompt 32] [--new-tokens 64] [--threads 2] [--reconvert] [--genai-huge-pages] [--out benchmarks/results/peers]
     .venv/bin/python benchmarks/peers.py --tiny --rounds 1      # a 2-layer model: the whole script in minutes
 
 Needs the `genai` extra (onnxruntime-genai, which `dev` brings) and `tokenizers`. Steps:
@@ -65,6 +65,9 @@ WARMUP_TOKENS = 4
 SEED = 0
 # Subprocesses import kiln from this checkout whether or not it is installed.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+# glibc's huge pages for every allocation of the process (glibc 2.35+): the nearest a genai user comes to the
+# huge pages kiln's runtime moves its weights into (runtimes/huge_pages.py).
+GLIBC_HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def save_source(folder: Path, shape: dict) -> None:
@@ -251,7 +254,8 @@ def measure(tool: str, engine: Path, batch: int, args) -> dict:
                "--batch", str(batch), "--vocab", str(args.shape["vocab_size"]), "--prompt", str(args.prompt),
                "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=ENV)
+        env = {**ENV, **GLIBC_HUGE_PAGES} if tool == "genai" and args.genai_huge_pages else ENV
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
     if done.returncode != 0:
@@ -321,7 +325,10 @@ def markdown(report: dict) -> str:
              "First token: prefill plus the first token's choice, request set-up included. Same tokens: share of "
              "positions where both tools chose the same token (first round). Share of floor: decode steps per second over "
              "the read bandwidth (a 512 MiB torch.sum, measured by each worker right after its generation) divided "
-             "by the engine's weight bytes; medians over rounds.", ""]
+             "by the engine's weight bytes; medians over rounds. kiln's runtime moves each CPU session's weights "
+             "into huge pages at load; genai's workers ran with "
+             + (" ".join(f"{k}={v}" for k, v in settings.get("genai_env", {}).items()) or "the default environment")
+             + ".", ""]
     lines += _generation_table(report) + [""] + _conversion_table(report) + [""] + _graph_table(report)
     loads = [f"{tool} {row['precision']} {_cell(row[tool].get('load_s'), '.2f')} s"
              for row in report["generation"] if row["batch"] == report["generation"][0]["batch"] for tool in TOOLS]
@@ -425,6 +432,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=1800, help="Seconds allowed to one measurement process.")
     parser.add_argument("--reconvert", action="store_true", help="Rebuild the source model and every engine.")
+    parser.add_argument("--genai-huge-pages", action="store_true",
+                        help="Run genai's workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc's huge pages).")
     parser.add_argument("--out", type=Path, help="Write OUT.json, OUT.md and OUT.png [default: "
                         "benchmarks/results/peers, or WORK/peers-tiny with --tiny].")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
@@ -491,7 +500,8 @@ def main(argv=None) -> None:
                                                        "transformers")},
         "settings": {"shape_name": args.shape_name, "shape": args.shape, "prompt": args.prompt,
                      "new_tokens": args.new_tokens, "threads": args.threads, "rounds": args.rounds, "batches": batches,
-                     "precisions": precisions, "seed": SEED, "warmup_tokens": WARMUP_TOKENS},
+                     "precisions": precisions, "seed": SEED, "warmup_tokens": WARMUP_TOKENS,
+                     "genai_env": GLIBC_HUGE_PAGES if args.genai_huge_pages else {}},
         "conversions": conversions,
         "generation": generation,
     }

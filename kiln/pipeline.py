@@ -177,7 +177,7 @@ def convert(
                 recorded = checks.record(_with_weights(loaded, spec, trust_remote_code), _signatures(graphs),
                                          fields.get("profile"))
             gc.collect()
-        with runtimes.load(workdir, trust_native_code=True) as engine:  # built by this very call
+        with runtimes.load(workdir, trust_native_code=True, **backend.verify_options) as engine:  # built just now
             for role, graph in engine.graphs.items():
                 fields["graphs"][role]["signature"] = graph.signature.to_json()
             if verify:

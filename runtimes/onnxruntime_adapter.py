@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from plugins.cache import user_cache_dir
 from runtimes.errors import EngineError
+from runtimes.huge_pages import anonymous_ranges, collapse_new
 from runtimes.predictor import Predictor
 from runtimes.signature import Signature, TensorSpec
 
@@ -60,8 +61,10 @@ class OnnxRuntimePredictor(Predictor):
         allow_spinning: bool = True,
         provider_options: Mapping[str, Mapping[str, str]] | None = None,
         log_severity: int | None = None,
+        huge_pages: bool = True,
     ):
-        """`provider_options`: provider name -> its options (`{"CUDAExecutionProvider": {"device_id": "1"}}`)."""
+        """`provider_options`: provider name -> its options (`{"CUDAExecutionProvider": {"device_id": "1"}}`).
+        `huge_pages`: a CPU session's weights collapsed into huge pages after load (runtimes/huge_pages.py)."""
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             raise EngineError(
@@ -78,9 +81,11 @@ class OnnxRuntimePredictor(Predictor):
         if not allow_spinning:  # idle pools then sleep instead of stealing cores from other work
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider_options = provider_options or {}
+        before = anonymous_ranges() if huge_pages and list(providers) == [CPU_PROVIDER] else None
         self.session = ort.InferenceSession(
             str(model_path), options, providers=[(p, dict(provider_options.get(p, {}))) for p in providers]
         )
+        self.huge_page_bytes = collapse_new(before) if before is not None else 0
         active = self.session.get_providers()
         for provider in providers:
             if provider != CPU_PROVIDER and provider not in active:

@@ -43,6 +43,7 @@ class Backend:
     # Its engines run on torch's CUDA (or ROCm) runtime: a GPU target then needs a GPU build of torch too.
     runs_on_torch: bool = False
     bench_options: Callable[[int], dict] = lambda threads: {}  # (threads) -> load options for measuring
+    verify_options: dict = field(default_factory=dict)  # load options for the session convert verifies with
     weight_bytes: Callable[[Path], int] = _file_bytes  # (graph file) -> bytes a decode step reads
     op_histogram: Callable[[Path], Counter] | None = None  # (graph file) -> op type counts, for inspect
     # (graph file, target) -> a Predictor over one intermediate graph: lets a failed verification say which
