@@ -1,7 +1,8 @@
 """kiln's CPU engines against onnxruntime-genai's model builder, on a SmolLM-135M-shaped Llama with random weights.
 
     .venv/bin/python benchmarks/peers.py [--work build/peers] [--precisions fp32,int8,int4] [--batches 1,8]
-        [--rounds 5] [--prompt 32] [--new-tokens 64] [--threads 2] [--reconvert] [--genai-huge-pages] [--out benchmarks/results/peers]
+        [--rounds 5] [--prompt 32] [--new-tokens 64] [--threads 2] [--reconvert] [--genai-huge-pages]
+        [--out benchmarks/results/peers]
     .venv/bin/python benchmarks/peers.py --tiny --rounds 1      # a 2-layer model: the whole script in minutes
 
 Needs the `genai` extra (onnxruntime-genai, which `dev` brings) and `tokenizers`. Steps:

@@ -6,7 +6,7 @@ measured 1.28x faster at int4 (1.16-1.41 over six pairs of processes) and 1.16x 
 pairs) on a 2-core AMD EPYC. ONNX Runtime's CPU allocator has no huge-page setting and glibc's
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) is read only at process start, so the memory that appeared while a
 session loaded is advised here, after the fact: MADV_HUGEPAGE, then MADV_COLLAPSE (Linux 6.1) to move it now
-rather than when khugepaged gets to it. About 1.8 ms per MB at load.
+rather than when khugepaged gets to it. That costs 2-5 ms per MB at load (606 MB: 1.1 s).
 """
 from __future__ import annotations
 
