@@ -2,7 +2,7 @@
 
 A decode step reads every weight once. On 4 KiB pages a SmolLM-135M-shaped int4 engine's 86 MB of prepacked
 weights span 21,000 pages per step, far more than the TLB holds. Collapsed into 2 MiB pages, batch-1 decode
-measured 1.28x faster at int4 (1.16-1.41 over six pairs of processes) and 1.16x at fp32 (1.05-1.22, four
+measured 1.24x faster at int4 (1.15-1.37 over six pairs of processes) and 1.16x at fp32 (1.05-1.22, four
 pairs) on a 2-core AMD EPYC. ONNX Runtime's CPU allocator has no huge-page setting and glibc's
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) is read only at process start, so the memory that appeared while a
 session loaded is advised here, after the fact: MADV_HUGEPAGE, then MADV_COLLAPSE (Linux 6.1) to move it now
