@@ -51,7 +51,7 @@ def _anonymous_mappings() -> dict[tuple[int, int], bool]:
 def collapse_new(before: set[tuple[int, int]]) -> int:
     """Advise the anonymous mappings that appeared or changed since `before` (`anonymous_ranges()`), and the brk
     heap, whose freed space new allocations reuse without changing it, to use huge pages, and collapse them now;
-    returns the bytes advised. Nothing happens where huge pages are unavailable; a range the kernel refuses
+    returns the bytes collapsed. Nothing happens where huge pages are unavailable; a range the kernel refuses
     (being unmapped meanwhile, or a kernel before 6.1) is skipped. Already collapsed memory costs little."""
     if not available():
         return 0

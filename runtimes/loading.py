@@ -43,7 +43,8 @@ def load(engine_dir, device: str | None = None, *, expect_digest: str | None = N
     carrying native code (AOTInductor, TensorRT, torch ops) loads only with one of them or `trust_native_code`.
 
     `device` defaults to the engine's own (its manifest's `device`); "cuda:1" picks a GPU. `backend_options`
-    go to the adapter (for ONNX Runtime: `threads`, `optimization_level`, `providers`, `allow_spinning`).
+    go to the adapter (for ONNX Runtime: `threads`, `optimization_level`, `providers`, `allow_spinning`,
+    `huge_pages`).
     """
     engine_dir = Path(engine_dir)
     if is_foreign(engine_dir):
