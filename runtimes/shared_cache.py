@@ -44,21 +44,19 @@ class SharedCache:
             self.buffers[spec.name] = buffer
             self.values.append(value)
         self.mask = np.zeros((batch, 0), np.int64) if mask is None else mask
-        # One-token steps write their ids and positions into these, bound once: a step then makes one numpy array
-        # (the mask) and binds one input. With `stream` reading the logits uncopied, a SmolLM-shaped int4 step
-        # spent 0.29 ms outside ONNX Runtime, against 0.42 ms building and binding all three each step.
+        # One-token steps write their ids and positions into these, bound once, and bind only the mask again. With
+        # `stream` reading the logits uncopied, a SmolLM-shaped int4 step spent 0.29 ms outside ONNX Runtime,
+        # against 0.42 ms binding all three each step.
         self.ids, self.positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
         self.ids_value = ort.OrtValue.ortvalue_from_numpy(self.ids)
         self.positions_value = ort.OrtValue.ortvalue_from_numpy(self.positions)
-        self.columns = np.arange(capacity, dtype=np.int64)
         self.bind_one_token_inputs()
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The right-padded prompt's logits `[batch, sequence, vocab]`, or only the last columns that hold every
         row's last token where the graph takes `logits_to_keep`. A plain run (I/O binding cannot bind an input
         that has a default, as `logits_to_keep` has), its caches then copied into the buffers."""
-        if mask.shape[1] > self.capacity:
-            raise FeedError(f"the cache holds {self.capacity} tokens per row; this step needs {mask.shape[1]}")
+        self._check_width(mask.shape[1])
         feeds = prefill_feeds(self.signature, ids, mask, last_logits_only=self.keeps_logits)
         names = ["logits", *(PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.buffers)]
         logits, *presents = self.session.run(names, feeds)
@@ -71,16 +69,17 @@ class SharedCache:
         """The logits of `new_ids [batch, n]`, each row's written at its next slot. `keep=False`: one-token steps
         return the bound buffer itself, which the next step overwrites (a caller done with them by then saves
         copying them, 3 MB a step for 16 rows of gpt2)."""
+        inputs = step_inputs(self.mask, new_ids, layout=SLOT)
+        self._check_width(inputs["attention_mask"].shape[1])
+        self.mask = inputs["attention_mask"]
         tokens = new_ids.shape[1]
-        if tokens == 1:
-            self._bind_one_token(new_ids)
+        if tokens == 1:  # into the bound buffers; only the mask, whose width grows, is bound again
+            self.ids[:], self.positions[:] = inputs["input_ids"], inputs["position_ids"]
+            self.binding.bind_cpu_input("attention_mask", self.mask)
         else:  # ONNX Runtime allocates [batch, tokens, vocab]; bound by name each time, as a binding keeps its shape
-            inputs = step_inputs(self.mask, new_ids, layout=SLOT)
-            self._check_width(inputs["attention_mask"].shape[1])
             for name, array in inputs.items():
                 self.binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
             self.binding.bind_output("logits")
-            self.mask = inputs["attention_mask"]
         self.session.run_with_iobinding(self.binding)
         if tokens == 1:
             return self.logits.copy() if keep else self.logits
@@ -93,16 +92,6 @@ class SharedCache:
         self.binding.bind_ortvalue_input("input_ids", self.ids_value)
         self.binding.bind_ortvalue_input("position_ids", self.positions_value)
         self.binding.bind_ortvalue_output("logits", self.logits_value)
-
-    def _bind_one_token(self, new_ids: np.ndarray) -> None:
-        """`step_inputs` of one token per row, written into the bound ids and positions: each row's token goes at
-        its count of written columns, and the mask covers every row's columns up to its token."""
-        np.sum(self.mask, axis=1, keepdims=True, out=self.positions)
-        width = int(self.positions.max(initial=-1)) + 1
-        self._check_width(width)
-        self.ids[:] = new_ids
-        self.mask = (self.columns[:width] <= self.positions).astype(np.int64)
-        self.binding.bind_cpu_input("attention_mask", self.mask)  # its width grows: bound each step
 
     def _check_width(self, width: int) -> None:
         if width > self.capacity:
